@@ -1,0 +1,477 @@
+//! `ItemCache`: the in-memory copy of recently used items.
+//!
+//! Sharded so that cores do not contend on one lock; each shard is an exact
+//! LRU list over a slab of entries with a byte budget, so get, insert and
+//! evict are O(1). An entry's key and value share one allocation
+//! (`Arc<[u8]>`), so a hit hands the bytes to the reply without copying them
+//! under the lock, and the hash table holds only 4-byte slab indices.
+//!
+//! The cache never talks to DynamoDB and decides nothing about consistency:
+//! the engine tells it what to hold. It only keeps the byte budget (counting
+//! keys, values and [`ENTRY_OVERHEAD`]) and never returns an expired entry.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hashbrown::HashTable;
+
+/// Bytes charged per entry besides its key and value: the slab slot, its
+/// hash-table index with the table's load-factor slack, and the allocator's
+/// header on the key+value allocation. Measured against RSS in BENCHMARKS.md.
+pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Slot>() + 8 + 16;
+
+const NIL: u32 = u32::MAX;
+
+/// An item as the cache holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The key followed by the value, in one allocation.
+    kv: Arc<[u8]>,
+    key_len: u8,
+    pub flags: u32,
+    /// Unix seconds after which the item is gone; 0 = never.
+    pub expires_at: u32,
+    /// The item's version in the store (its cas unique).
+    pub version: u64,
+}
+
+impl Entry {
+    /// Builds an entry; `key` must be at most 255 bytes (the protocol allows 250).
+    pub fn new(key: &[u8], value: &[u8], flags: u32, expires_at: u32, version: u64) -> Entry {
+        let key_len = u8::try_from(key.len()).expect("keys are at most 250 bytes");
+        let mut kv = Vec::with_capacity(key.len() + value.len());
+        kv.extend_from_slice(key);
+        kv.extend_from_slice(value);
+        Entry {
+            kv: kv.into(),
+            key_len,
+            flags,
+            expires_at,
+            version,
+        }
+    }
+
+    pub fn key(&self) -> &[u8] {
+        &self.kv[..usize::from(self.key_len)]
+    }
+
+    pub fn value(&self) -> &[u8] {
+        &self.kv[usize::from(self.key_len)..]
+    }
+
+    /// Bytes this entry is charged against the budget.
+    pub fn charge(&self) -> usize {
+        self.kv.len() + ENTRY_OVERHEAD
+    }
+
+    pub fn is_expired(&self, now: u32) -> bool {
+        self.expires_at != 0 && self.expires_at <= now
+    }
+}
+
+/// Counters since start, for metrics and `stats`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub items: u64,
+    pub bytes: u64,
+    pub limit_bytes: u64,
+    pub evictions: u64,
+    pub expirations: u64,
+}
+
+pub struct ItemCache {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: foldhash::quality::RandomState,
+    /// Picks a shard from a hash's middle bits: the table itself uses the
+    /// low bits and the top seven, which must stay varied within a shard.
+    shard_mask: u64,
+    evictions: AtomicU64,
+    expirations: AtomicU64,
+    limit_bytes: AtomicU64,
+}
+
+impl ItemCache {
+    /// A cache of at most `limit_bytes` over `shards` shards (rounded up to a
+    /// power of two). An item larger than one shard's share is not cached.
+    pub fn new(limit_bytes: u64, shards: usize) -> ItemCache {
+        let shards = shards.max(1).next_power_of_two();
+        let per_shard = per_shard_limit(limit_bytes, shards);
+        ItemCache {
+            shards: (0..shards)
+                .map(|_| Mutex::new(Shard::new(per_shard)))
+                .collect(),
+            hasher: foldhash::quality::RandomState::default(),
+            shard_mask: shards as u64 - 1,
+            evictions: AtomicU64::new(0),
+            expirations: AtomicU64::new(0),
+            limit_bytes: AtomicU64::new(limit_bytes),
+        }
+    }
+
+    /// The default shard count: enough that cores rarely meet on one lock.
+    pub fn default_shards() -> usize {
+        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+        (cores * 8).next_power_of_two()
+    }
+
+    fn shard(&self, hash: u64) -> &Mutex<Shard> {
+        &self.shards[((hash >> 32) & self.shard_mask) as usize]
+    }
+
+    /// The live entry for `key`, marked most recently used. An expired entry
+    /// is dropped and reported as absent.
+    pub fn get(&self, key: &[u8], now: u32) -> Option<Entry> {
+        let hash = self.hasher.hash_one(key);
+        let mut shard = lock(self.shard(hash));
+        let idx = shard.find(hash, key)?;
+        if shard.slots[idx as usize].entry.is_expired(now) {
+            shard.remove_at(hash, idx);
+            drop(shard);
+            self.expirations.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        shard.touch(idx);
+        Some(shard.slots[idx as usize].entry.clone())
+    }
+
+    /// Stores `entry`, replacing any entry for its key, evicting least
+    /// recently used entries of the shard until it fits. Returns false (and
+    /// holds nothing for the key) when the entry alone exceeds a shard's budget.
+    pub fn insert(&self, entry: Entry) -> bool {
+        let hash = self.hasher.hash_one(entry.key());
+        let mut shard = lock(self.shard(hash));
+        if let Some(idx) = shard.find(hash, entry.key()) {
+            shard.remove_at(hash, idx);
+        }
+        if entry.charge() > shard.limit {
+            return false;
+        }
+        let mut evicted = 0;
+        while shard.bytes + entry.charge() > shard.limit {
+            shard.evict_lru();
+            evicted += 1;
+        }
+        shard.push(hash, entry);
+        drop(shard);
+        if evicted > 0 {
+            self.evictions.fetch_add(evicted, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Drops the entry for `key`, if any. Returns whether there was one.
+    pub fn remove(&self, key: &[u8]) -> bool {
+        let hash = self.hasher.hash_one(key);
+        let mut shard = lock(self.shard(hash));
+        match shard.find(hash, key) {
+            Some(idx) => {
+                shard.remove_at(hash, idx);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Changes the byte budget, evicting at once what no longer fits.
+    pub fn set_limit(&self, limit_bytes: u64) {
+        self.limit_bytes.store(limit_bytes, Ordering::Relaxed);
+        let per_shard = per_shard_limit(limit_bytes, self.shards.len());
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            shard.limit = per_shard;
+            let mut evicted = 0;
+            while shard.bytes > shard.limit {
+                shard.evict_lru();
+                evicted += 1;
+            }
+            drop(shard);
+            self.evictions.fetch_add(evicted, Ordering::Relaxed);
+        }
+    }
+
+    /// Current totals. Takes each shard's lock in turn: for metrics and
+    /// `stats`, not for the request path.
+    pub fn stats(&self) -> CacheStats {
+        let (mut items, mut bytes) = (0, 0);
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            items += shard.table.len() as u64;
+            bytes += shard.bytes as u64;
+        }
+        CacheStats {
+            items,
+            bytes,
+            limit_bytes: self.limit_bytes.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            expirations: self.expirations.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn per_shard_limit(limit_bytes: u64, shards: usize) -> usize {
+    usize::try_from(limit_bytes / shards as u64).unwrap_or(usize::MAX)
+}
+
+/// A poisoned shard only means another thread panicked mid-request; the
+/// shard's own invariants are restored before any call returns, so go on.
+fn lock(shard: &Mutex<Shard>) -> std::sync::MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Slot {
+    entry: Entry,
+    hash: u64,
+    /// Towards the most recently used end.
+    prev: u32,
+    /// Towards the least recently used end.
+    next: u32,
+}
+
+/// One shard: a hash table of slab indices and an LRU list through the slab.
+struct Shard {
+    table: HashTable<u32>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Most recently used.
+    head: u32,
+    /// Least recently used: the next to evict.
+    tail: u32,
+    bytes: usize,
+    limit: usize,
+}
+
+impl Shard {
+    fn new(limit: usize) -> Shard {
+        Shard {
+            table: HashTable::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            head: NIL,
+            tail: NIL,
+            bytes: 0,
+            limit,
+        }
+    }
+
+    fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
+        let slots = &self.slots;
+        self.table
+            .find(hash, |&idx| slots[idx as usize].entry.key() == key)
+            .copied()
+    }
+
+    fn unlink(&mut self, idx: u32) {
+        let (prev, next) = {
+            let s = &self.slots[idx as usize];
+            (s.prev, s.next)
+        };
+        match prev {
+            NIL => self.head = next,
+            p => self.slots[p as usize].next = next,
+        }
+        match next {
+            NIL => self.tail = prev,
+            n => self.slots[n as usize].prev = prev,
+        }
+    }
+
+    fn link_front(&mut self, idx: u32) {
+        let old_head = self.head;
+        {
+            let s = &mut self.slots[idx as usize];
+            s.prev = NIL;
+            s.next = old_head;
+        }
+        match old_head {
+            NIL => self.tail = idx,
+            h => self.slots[h as usize].prev = idx,
+        }
+        self.head = idx;
+    }
+
+    fn touch(&mut self, idx: u32) {
+        if self.head != idx {
+            self.unlink(idx);
+            self.link_front(idx);
+        }
+    }
+
+    fn push(&mut self, hash: u64, entry: Entry) {
+        self.bytes += entry.charge();
+        let slot = Slot {
+            entry,
+            hash,
+            prev: NIL,
+            next: NIL,
+        };
+        let idx = match self.free.pop() {
+            Some(idx) => {
+                self.slots[idx as usize] = slot;
+                idx
+            }
+            None => {
+                self.slots.push(slot);
+                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 entries per shard")
+            }
+        };
+        let slots = &self.slots;
+        self.table
+            .insert_unique(hash, idx, |&i| slots[i as usize].hash);
+        self.link_front(idx);
+    }
+
+    fn remove_at(&mut self, hash: u64, idx: u32) {
+        if let Ok(found) = self.table.find_entry(hash, |&i| i == idx) {
+            found.remove();
+        }
+        self.unlink(idx);
+        let slot = &mut self.slots[idx as usize];
+        self.bytes -= slot.entry.charge();
+        // Release the value now; the slot itself is reused by the next push.
+        slot.entry.kv = Arc::from(&[][..]);
+        self.free.push(idx);
+    }
+
+    fn evict_lru(&mut self) {
+        let idx = self.tail;
+        debug_assert_ne!(idx, NIL, "evicting from an empty shard");
+        if idx == NIL {
+            return;
+        }
+        let hash = self.slots[idx as usize].hash;
+        self.remove_at(hash, idx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, value: &str) -> Entry {
+        Entry::new(key.as_bytes(), value.as_bytes(), 0, 0, 1)
+    }
+
+    /// A one-shard cache with room for exactly `n` entries of 1-byte keys and values.
+    fn cache_for(n: usize) -> ItemCache {
+        ItemCache::new((n * (2 + ENTRY_OVERHEAD)) as u64, 1)
+    }
+
+    #[test]
+    fn get_returns_what_was_inserted() {
+        let cache = cache_for(4);
+        assert!(cache.insert(Entry::new(b"k", b"v", 7, 0, 42)));
+        let got = cache.get(b"k", 100).unwrap();
+        assert_eq!(
+            (got.key(), got.value(), got.flags, got.version),
+            (&b"k"[..], &b"v"[..], 7, 42)
+        );
+        assert!(cache.get(b"x", 100).is_none());
+    }
+
+    #[test]
+    fn evicts_least_recently_used_first() {
+        let cache = cache_for(3);
+        for k in ["a", "b", "c"] {
+            assert!(cache.insert(entry(k, "1")));
+        }
+        // Use "a" so "b" becomes the oldest.
+        assert!(cache.get(b"a", 0).is_some());
+        cache.insert(entry("d", "1"));
+        assert!(cache.get(b"b", 0).is_none(), "b was least recently used");
+        for k in ["a", "c", "d"] {
+            assert!(cache.get(k.as_bytes(), 0).is_some(), "{k} kept");
+        }
+        assert_eq!(cache.stats().evictions, 1);
+    }
+
+    #[test]
+    fn byte_accounting_counts_key_value_and_overhead() {
+        let cache = ItemCache::new(1 << 20, 1);
+        cache.insert(Entry::new(b"key", b"value!", 0, 0, 1));
+        cache.insert(Entry::new(b"k2", b"", 0, 0, 1));
+        let stats = cache.stats();
+        assert_eq!(stats.items, 2);
+        assert_eq!(
+            stats.bytes,
+            (9 + ENTRY_OVERHEAD + 2 + ENTRY_OVERHEAD) as u64
+        );
+        // Replacing an entry replaces its charge.
+        cache.insert(Entry::new(b"key", b"v", 0, 0, 2));
+        assert_eq!(
+            cache.stats().bytes,
+            (4 + ENTRY_OVERHEAD + 2 + ENTRY_OVERHEAD) as u64
+        );
+        cache.remove(b"key");
+        cache.remove(b"k2");
+        assert_eq!(
+            cache.stats(),
+            CacheStats {
+                limit_bytes: 1 << 20,
+                ..CacheStats::default()
+            }
+        );
+    }
+
+    #[test]
+    fn budget_is_never_exceeded_by_large_values() {
+        let cache = ItemCache::new(10_000, 1);
+        for i in 0..100 {
+            cache.insert(Entry::new(
+                format!("k{i}").as_bytes(),
+                &[b'x'; 900],
+                0,
+                0,
+                1,
+            ));
+            assert!(cache.stats().bytes <= 10_000);
+        }
+        // An entry larger than the whole budget is refused, and replaces nothing stale.
+        cache.insert(Entry::new(b"big", b"old", 0, 0, 1));
+        assert!(!cache.insert(Entry::new(b"big", &[b'x'; 20_000], 0, 0, 2)));
+        assert!(cache.get(b"big", 0).is_none());
+    }
+
+    #[test]
+    fn expired_entries_are_not_returned() {
+        let cache = cache_for(4);
+        cache.insert(Entry::new(b"k", b"v", 0, 100, 1));
+        assert!(cache.get(b"k", 99).is_some());
+        assert!(cache.get(b"k", 100).is_none(), "expires at its second");
+        assert_eq!(cache.stats().items, 0, "dropped on access");
+        assert_eq!(cache.stats().expirations, 1);
+        cache.insert(Entry::new(b"n", b"v", 0, 0, 1));
+        assert!(cache.get(b"n", u32::MAX).is_some(), "0 never expires");
+    }
+
+    #[test]
+    fn shrinking_the_limit_evicts_oldest() {
+        let cache = cache_for(4);
+        for k in ["a", "b", "c", "d"] {
+            cache.insert(entry(k, "1"));
+        }
+        cache.set_limit((2 * (2 + ENTRY_OVERHEAD)) as u64);
+        assert!(cache.get(b"a", 0).is_none() && cache.get(b"b", 0).is_none());
+        assert!(cache.get(b"c", 0).is_some() && cache.get(b"d", 0).is_some());
+    }
+
+    #[test]
+    fn slots_are_reused_and_many_keys_spread_over_shards() {
+        let cache = ItemCache::new(1 << 24, 8);
+        for round in 0..3 {
+            for i in 0..1000 {
+                cache.insert(Entry::new(format!("key{i}").as_bytes(), b"v", 0, 0, round));
+            }
+        }
+        assert_eq!(cache.stats().items, 1000);
+        for i in 0..1000 {
+            assert_eq!(
+                cache.get(format!("key{i}").as_bytes(), 0).unwrap().version,
+                2
+            );
+        }
+        let slots: usize = cache.shards.iter().map(|s| lock(s).slots.len()).sum();
+        assert_eq!(slots, 1000, "replaced entries reuse their slots");
+    }
+}

@@ -1,0 +1,261 @@
+//! Configuration: a TOML file (every key optional, defaults below and in
+//! `config.example.toml`), then command-line flags on top. Validation names
+//! the offending key; `main` exits with 64 (EX_USAGE) on any error here.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{DynamoSettings, TableSettings};
+
+/// DynamoDB's item size limit: key, value and attribute names included.
+pub const DYNAMODB_ITEM_MAX: u64 = 400 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where memcached clients connect.
+    pub listen: SocketAddr,
+    /// Where Prometheus scrapes `/metrics`.
+    pub metrics_listen: SocketAddr,
+    /// Byte budget of the in-memory cache (keys, values and per-entry overhead).
+    pub memory_limit: ByteSize,
+    /// Largest item accepted (key + value + attribute overhead); at most DynamoDB's 400 KiB.
+    pub item_size_max: ByteSize,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Cache shards; 0 picks 8 per core.
+    pub cache_shards: usize,
+    /// How long shutdown waits for in-flight requests.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// "text" (human-readable) or "json" logs.
+    pub log_format: LogFormat,
+    pub dynamodb: DynamoSettings,
+    /// Used by `dynacache init-table` only.
+    pub table: TableSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:11211".parse().unwrap(),
+            metrics_listen: "127.0.0.1:9150".parse().unwrap(),
+            memory_limit: ByteSize::mib(64),
+            item_size_max: ByteSize::b(DYNAMODB_ITEM_MAX),
+            max_connections: 1024,
+            cache_shards: 0,
+            shutdown_grace: Duration::from_secs(10),
+            log_format: LogFormat::Text,
+            dynamodb: DynamoSettings::default(),
+            table: TableSettings::default(),
+        }
+    }
+}
+
+/// A configuration error, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; keys it leaves out keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    /// The effective configuration as TOML (it holds no secrets: credentials
+    /// come from the AWS chain, never from this file).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}"))
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.dynamodb;
+        let table_ok = (3..=255).contains(&d.table.len())
+            && d.table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+        if !table_ok {
+            return Err(invalid(
+                "dynamodb.table",
+                format!(
+                    "{:?} is not a DynamoDB table name (3-255 of a-z A-Z 0-9 _ - .)",
+                    d.table
+                ),
+            ));
+        }
+        let attributes = [
+            ("dynamodb.key_attribute", &d.key_attribute),
+            ("dynamodb.value_attribute", &d.value_attribute),
+            ("dynamodb.flags_attribute", &d.flags_attribute),
+            ("dynamodb.expiry_attribute", &d.expiry_attribute),
+            ("dynamodb.version_attribute", &d.version_attribute),
+        ];
+        for (i, (key, name)) in attributes.iter().enumerate() {
+            if name.is_empty() || name.len() > 255 {
+                return Err(invalid(key, "must be 1 to 255 bytes"));
+            }
+            if attributes[..i].iter().any(|(_, other)| other == name) {
+                return Err(invalid(
+                    key,
+                    format!("{name:?} is already used by another attribute"),
+                ));
+            }
+        }
+        if d.max_attempts == 0 {
+            return Err(invalid("dynamodb.max_attempts", "must be at least 1"));
+        }
+        if d.operation_timeout.is_zero() {
+            return Err(invalid("dynamodb.operation_timeout", "must be above zero"));
+        }
+        if d.connect_timeout.is_zero() {
+            return Err(invalid("dynamodb.connect_timeout", "must be above zero"));
+        }
+        if let Some(url) = &d.endpoint_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "dynamodb.endpoint_url",
+                format!("{url:?} is not an http(s) URL"),
+            ));
+        }
+        if self.memory_limit.as_u64() == 0 {
+            return Err(invalid("memory_limit", "must be above zero"));
+        }
+        if !(1024..=DYNAMODB_ITEM_MAX).contains(&self.item_size_max.as_u64()) {
+            return Err(invalid(
+                "item_size_max",
+                format!(
+                    "must be between 1 KiB and DynamoDB's item limit, {DYNAMODB_ITEM_MAX} bytes"
+                ),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.table.read_capacity < 1 || self.table.write_capacity < 1 {
+            return Err(invalid(
+                "table.read_capacity",
+                "capacities must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(config, Config::default());
+        config.validate().unwrap();
+        assert_eq!(config.dynamodb.table, "dynacache");
+        assert!(config.dynamodb.consistent_reads);
+    }
+
+    #[test]
+    fn units_and_durations() {
+        let config = Config::from_toml(
+            "memory_limit = \"256 MiB\"\nshutdown_grace = \"1500ms\"\n[dynamodb]\noperation_timeout = \"2s\"\nkey_type = \"B\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.memory_limit, ByteSize::mib(256));
+        assert_eq!(config.shutdown_grace, Duration::from_millis(1500));
+        assert_eq!(config.dynamodb.operation_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_named() {
+        let err = Config::from_toml("[dynamodb]\ntabel = \"x\"\n").unwrap_err();
+        assert!(err.contains("tabel"), "{err}");
+        let err = Config::from_toml("max_connections = \"many\"\n").unwrap_err();
+        assert!(err.contains("max_connections"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut config = Config::default();
+        config.dynamodb.table = "ab".into();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("dynamodb.table")
+        );
+        let mut config = Config::default();
+        config.dynamodb.flags_attribute = "value".into();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("dynamodb.flags_attribute")
+        );
+        let config = Config {
+            item_size_max: ByteSize::mib(1),
+            ..Config::default()
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("item_size_max")
+        );
+    }
+
+    #[test]
+    fn example_file_parses_to_the_defaults() {
+        let text = include_str!("../config.example.toml");
+        let config = Config::from_toml(text).expect("config.example.toml parses");
+        config.validate().unwrap();
+        assert_eq!(
+            config,
+            Config::default(),
+            "config.example.toml documents the defaults"
+        );
+    }
+}

@@ -1,0 +1,16 @@
+//! dynacache: a memcached-protocol sidecar that keeps its data in DynamoDB.
+//!
+//! The data path, one module each: bytes -> [`protocol`] (parse) ->
+//! [`protocol::Command`] -> [`engine`] ([`cache`] + [`store`]) ->
+//! [`protocol::Reply`] -> bytes, driven per client by [`connection`] and
+//! accepted by [`server`].
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod config;
+pub mod connection;
+pub mod engine;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod store;

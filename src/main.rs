@@ -1,0 +1,235 @@
+//! The `dynacache` binary, read top to bottom as its start-up story: load the
+//! configuration (exit 64 if it is bad), start logging and metrics, connect
+//! to DynamoDB, serve, and on SIGTERM/SIGINT drain within the grace period.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use dynacache::cache::{CacheStats, ItemCache};
+use dynacache::config::{Config, LogFormat};
+use dynacache::engine::Engine;
+use dynacache::protocol::Limits;
+use dynacache::server::{self, ServeOptions};
+use dynacache::store::{DynamoStore, Store};
+
+/// EX_USAGE from sysexits.h: the configuration is wrong.
+const EXIT_CONFIG: u8 = 64;
+
+/// A memcached-protocol cache sidecar that keeps its data in DynamoDB.
+///
+/// Clients speak memcached to it; hits come from memory, misses from a
+/// strongly consistent DynamoDB read, and writes reach DynamoDB before they
+/// are acknowledged.
+#[derive(Debug, Parser)]
+#[command(name = "dynacache", version, about, long_about)]
+struct Cli {
+    /// TOML configuration file (see config.example.toml); flags override it.
+    #[arg(long, short = 'C', value_name = "FILE", env = "DYNACACHE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address memcached clients connect to [default: 127.0.0.1:11211].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Address of the Prometheus /metrics endpoint [default: 127.0.0.1:9150].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Cache memory budget, e.g. "64MiB" or "1GiB" [default: 64MiB].
+    #[arg(long, value_name = "SIZE")]
+    memory_limit: Option<ByteSize>,
+    /// DynamoDB table [default: dynacache].
+    #[arg(long, value_name = "NAME")]
+    table: Option<String>,
+    /// DynamoDB endpoint, e.g. http://127.0.0.1:8000 for DynamoDB Local.
+    #[arg(long, value_name = "URL")]
+    endpoint_url: Option<String>,
+    /// AWS region [default: from the AWS chain].
+    #[arg(long, value_name = "REGION")]
+    region: Option<String>,
+    #[command(subcommand)]
+    command: Option<Action>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Action {
+    /// Serve memcached clients (the default).
+    Serve,
+    /// Create the DynamoDB table with TTL on the expiry attribute; a no-op
+    /// if it exists.
+    InitTable,
+}
+
+impl Cli {
+    fn config(&self) -> Result<Config, dynacache::config::ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.listen {
+            config.listen = v;
+        }
+        if let Some(v) = self.metrics_listen {
+            config.metrics_listen = v;
+        }
+        if let Some(v) = self.memory_limit {
+            config.memory_limit = v;
+        }
+        if let Some(v) = &self.table {
+            config.dynamodb.table = v.clone();
+        }
+        if let Some(v) = &self.endpoint_url {
+            config.dynamodb.endpoint_url = Some(v.clone());
+        }
+        if let Some(v) = &self.region {
+            config.dynamodb.region = Some(v.clone());
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match cli.config() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("dynacache: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_logging(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command.unwrap_or(Action::Serve) {
+        Action::Serve => runtime.block_on(serve(config)),
+        Action::InitTable => runtime.block_on(init_table(config)),
+    };
+    // Don't wait for blocking tasks (e.g. the SDK's DNS lookups) at exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn init_table(config: Config) -> Result<(), String> {
+    let store = DynamoStore::connect(config.dynamodb.clone()).await;
+    match store.create_table(&config.table).await {
+        Ok(true) => {
+            tracing::info!(table = %config.dynamodb.table, "table created, TTL on {}", config.dynamodb.expiry_attribute)
+        }
+        Ok(false) => {
+            tracing::info!(table = %config.dynamodb.table, "table already exists; nothing changed")
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot create table {}: {e}",
+                config.dynamodb.table
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %config.to_toml().replace('\n', "; "),
+        "starting"
+    );
+    if !config.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.listen, "listening beyond loopback: any host that reaches this address can read and write the cache");
+    }
+    dynacache::metrics::install(config.metrics_listen)
+        .map_err(|e| format!("cannot serve metrics on {}: {e}", config.metrics_listen))?;
+
+    let store = DynamoStore::connect(config.dynamodb.clone()).await;
+    let limits = Limits {
+        item_size_max: config.item_size_max.as_u64() as usize,
+        item_overhead: store.item_overhead(),
+        ..Limits::default()
+    };
+    let shards = match config.cache_shards {
+        0 => ItemCache::default_shards(),
+        n => n,
+    };
+    let cache = ItemCache::new(config.memory_limit.as_u64(), shards);
+    let engine = Arc::new(Engine::new(cache, store));
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    tracing::info!(listen = %config.listen, metrics = %config.metrics_listen, table = %config.dynamodb.table, "serving");
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(publish_cache_metrics(engine.clone(), shutdown.clone()));
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+    let options = ServeOptions {
+        limits,
+        max_connections: config.max_connections,
+        shutdown_grace: config.shutdown_grace,
+    };
+    if server::serve(listener, engine, options, shutdown).await {
+        tracing::info!("stopped");
+    } else {
+        tracing::warn!(grace = ?config.shutdown_grace, "stopped with requests still in flight after the grace period");
+    }
+    Ok(())
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(
+        signal = name,
+        "shutting down: no new connections, finishing requests in flight"
+    );
+    shutdown.cancel();
+}
+
+async fn publish_cache_metrics<S: Store>(engine: Arc<Engine<S>>, shutdown: CancellationToken) {
+    let mut last = CacheStats::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => dynacache::metrics::publish_cache(&engine.cache().stats(), &mut last),
+        }
+    }
+}

@@ -1,0 +1,606 @@
+//! Request parsing: nom *streaming* parsers over the connection's read buffer.
+//!
+//! [`parse`] looks at the front of the buffer and answers with one [`Parsed`]:
+//! a whole request and its length, "need more bytes", or what to answer for a
+//! malformed one. Limits are enforced here, before anything is buffered: a line
+//! without a newline past [`Limits::max_line`] ends the connection (as
+//! memcached does), and a data block over the item limit is never buffered but
+//! discarded as it streams in ([`Parsed::TooLarge`]).
+//!
+//! Token rules follow memcached 1.6's text parser (`proto_text.c`), checked
+//! byte for byte against Debian's memcached 1.6.18: tokens are separated by
+//! one or more spaces, a trailing `\r` before `\n` is dropped, command names
+//! are case-sensitive, and a wrong token count is `ERROR`.
+
+use nom::bytes::streaming::{tag, take, take_until};
+use nom::{IResult, Parser};
+
+use super::KEY_MAX_LEN;
+use super::command::{Command, Keys, StoreMode};
+use super::reply::Reply;
+
+/// Bounds that keep a connection's memory small whatever a client sends.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request line longer than this with no newline closes the connection
+    /// (memcached: 2048), except retrieval lines, bounded by `max_get_line`.
+    pub max_line: usize,
+    /// Longest `get`/`gets` line (hundreds of keys are normal in a multi-get).
+    pub max_get_line: usize,
+    /// Largest item accepted: key + value + `item_overhead` must not exceed it.
+    pub item_size_max: usize,
+    /// Bytes an item costs in the store besides its key and value.
+    pub item_overhead: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_line: 2048,
+            max_get_line: 256 * 1024,
+            item_size_max: 400 * 1024,
+            item_overhead: 0,
+        }
+    }
+}
+
+impl Limits {
+    /// The most bytes one buffered request can take: a line plus a data block.
+    pub fn max_request(&self) -> usize {
+        self.max_get_line
+            .max(self.max_line + self.item_size_max + 2)
+    }
+}
+
+/// What the front of the read buffer holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed<'a> {
+    /// A whole request, `len` bytes long.
+    Request(Command<'a>, usize),
+    /// Not a whole request yet: read more.
+    Incomplete,
+    /// A malformed request, `len` bytes long: answer `reply` unless `noreply`.
+    Invalid {
+        reply: Reply<'static>,
+        len: usize,
+        noreply: bool,
+    },
+    /// A storage request whose item exceeds [`Limits::item_size_max`]. Answer
+    /// `SERVER_ERROR object too large for cache` (unless `noreply`), consume
+    /// the `len` bytes of its line, then discard `discard` more bytes (the
+    /// data block and its `\r\n`) as they arrive, without buffering them.
+    TooLarge {
+        mode: StoreMode,
+        key: &'a [u8],
+        len: usize,
+        discard: u64,
+        noreply: bool,
+    },
+    /// A line over the limit with no newline: close the connection.
+    LineTooLong,
+}
+
+const BAD_FORMAT: Reply<'static> = Reply::ClientError("bad command line format");
+const BAD_CHUNK: Reply<'static> = Reply::ClientError("bad data chunk");
+const BAD_EXPTIME: Reply<'static> = Reply::ClientError("invalid exptime argument");
+const DELETE_USAGE: Reply<'static> =
+    Reply::ClientError("bad command line format.  Usage: delete <key> [noreply]");
+
+/// Most tokens any command here takes (`cas` later: 7); longer lines are
+/// retrieval commands, whose keys are read lazily from the line.
+const MAX_TOKENS: usize = 8;
+
+/// A request line up to its `\n` (streaming: `Incomplete` until one arrives),
+/// without the `\n` and without one `\r` before it.
+fn line(input: &[u8]) -> IResult<&[u8], &[u8]> {
+    let (rest, line) = take_until("\n")(input)?;
+    let (rest, _) = tag("\n")(rest)?;
+    Ok((rest, line.strip_suffix(b"\r").unwrap_or(line)))
+}
+
+/// A data block of exactly `len` bytes and its terminator (streaming).
+/// Returns the block and whether it ended in `\r\n`.
+fn data_block(input: &[u8], len: usize) -> IResult<&[u8], (&[u8], bool)> {
+    let (rest, (data, end)) = (take(len), take(2usize)).parse(input)?;
+    Ok((rest, (data, end == b"\r\n")))
+}
+
+/// Parses the request at the front of `buf`.
+pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<'a> {
+    let (after_line, line) = match line(buf) {
+        Ok(ok) => ok,
+        Err(_) => return incomplete_line(buf, limits),
+    };
+    let line_len = buf.len() - after_line.len();
+
+    // Split off the command name; the rest is tokenized per command.
+    let mut tokens = Tokens::new(line);
+    let Some(name) = tokens.next() else {
+        return invalid(Reply::Error, line_len, false);
+    };
+    match name {
+        b"get" | b"gets" => {
+            let keys = tokens.rest();
+            let mut any = false;
+            for key in Keys(keys).iter() {
+                if key.len() > KEY_MAX_LEN {
+                    return invalid(BAD_FORMAT, line_len, false);
+                }
+                any = true;
+            }
+            if !any {
+                return invalid(Reply::Error, line_len, false);
+            }
+            let cas = name == b"gets";
+            Parsed::Request(
+                Command::Get {
+                    keys: Keys(keys),
+                    cas,
+                },
+                line_len,
+            )
+        }
+        b"set" | b"add" => {
+            let mode = if name == b"set" {
+                StoreMode::Set
+            } else {
+                StoreMode::Add
+            };
+            storage(mode, tokens, after_line, line_len, limits)
+        }
+        b"delete" => delete(tokens, line_len),
+        b"touch" => touch(tokens, line_len),
+        b"version" => Parsed::Request(Command::Version, line_len),
+        b"quit" => Parsed::Request(Command::Quit, line_len),
+        _ => invalid(Reply::Error, line_len, false),
+    }
+}
+
+/// No newline yet: wait for more, unless the line is already too long.
+fn incomplete_line<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<'a> {
+    if buf.len() <= limits.max_line {
+        return Parsed::Incomplete;
+    }
+    let retrieval = buf.starts_with(b"get ") || buf.starts_with(b"gets ");
+    if retrieval && buf.len() <= limits.max_get_line {
+        Parsed::Incomplete
+    } else {
+        Parsed::LineTooLong
+    }
+}
+
+fn invalid(reply: Reply<'static>, len: usize, noreply: bool) -> Parsed<'static> {
+    Parsed::Invalid {
+        reply,
+        len,
+        noreply,
+    }
+}
+
+/// `set|add <key> <flags> <exptime> <bytes> [noreply]` and its data block.
+fn storage<'a>(
+    mode: StoreMode,
+    tokens: Tokens<'a>,
+    after_line: &'a [u8],
+    line_len: usize,
+    limits: &Limits,
+) -> Parsed<'a> {
+    let mut args = [&b""[..]; MAX_TOKENS];
+    let n = tokens.collect_into(&mut args);
+    // memcached: 4 arguments, or 5 where a fifth that is not "noreply" is ignored.
+    if n != 4 && n != 5 {
+        return invalid(Reply::Error, line_len, false);
+    }
+    let noreply = n == 5 && args[4] == b"noreply";
+    let key = args[0];
+    if key.len() > KEY_MAX_LEN {
+        return invalid(BAD_FORMAT, line_len, noreply);
+    }
+    let (Some(flags), Some(exptime), Some(len)) = (
+        number::<u32>(args[1]),
+        number::<i64>(args[2]),
+        number::<i64>(args[3]),
+    ) else {
+        return invalid(BAD_FORMAT, line_len, noreply);
+    };
+    // memcached keeps `<bytes> + 2` in an int.
+    if !(0..=i64::from(i32::MAX) - 2).contains(&len) {
+        return invalid(BAD_FORMAT, line_len, noreply);
+    }
+    let len = len as usize;
+    if key.len() + len + limits.item_overhead > limits.item_size_max {
+        return Parsed::TooLarge {
+            mode,
+            key,
+            len: line_len,
+            discard: len as u64 + 2,
+            noreply,
+        };
+    }
+    match data_block(after_line, len) {
+        Ok((_, (data, true))) => Parsed::Request(
+            Command::Store {
+                mode,
+                key,
+                flags,
+                exptime,
+                data,
+                noreply,
+            },
+            line_len + len + 2,
+        ),
+        // memcached consumes `<bytes> + 2` and reports the block as bad.
+        Ok((_, (_, false))) => invalid(BAD_CHUNK, line_len + len + 2, noreply),
+        Err(_) => Parsed::Incomplete,
+    }
+}
+
+/// `delete <key> [0] [noreply]`: memcached still accepts the old hold time if it is 0.
+fn delete<'a>(tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
+    let mut args = [&b""[..]; MAX_TOKENS];
+    let n = tokens.collect_into(&mut args);
+    if !(1..=3).contains(&n) {
+        return invalid(Reply::Error, line_len, false);
+    }
+    let noreply = n > 1 && args[n - 1] == b"noreply";
+    if n > 1 {
+        let hold_is_zero = args[1] == b"0";
+        let valid = (n == 2 && (hold_is_zero || noreply)) || (n == 3 && hold_is_zero && noreply);
+        if !valid {
+            return invalid(DELETE_USAGE, line_len, noreply);
+        }
+    }
+    let key = args[0];
+    if key.len() > KEY_MAX_LEN {
+        return invalid(BAD_FORMAT, line_len, noreply);
+    }
+    Parsed::Request(Command::Delete { key, noreply }, line_len)
+}
+
+/// `touch <key> <exptime> [noreply]`.
+fn touch<'a>(tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
+    let mut args = [&b""[..]; MAX_TOKENS];
+    let n = tokens.collect_into(&mut args);
+    if n != 2 && n != 3 {
+        return invalid(Reply::Error, line_len, false);
+    }
+    let noreply = n == 3 && args[2] == b"noreply";
+    let key = args[0];
+    if key.len() > KEY_MAX_LEN {
+        return invalid(BAD_FORMAT, line_len, noreply);
+    }
+    let Some(exptime) = number::<i64>(args[1]) else {
+        return invalid(BAD_EXPTIME, line_len, noreply);
+    };
+    Parsed::Request(
+        Command::Touch {
+            key,
+            exptime,
+            noreply,
+        },
+        line_len,
+    )
+}
+
+/// A decimal number as `strtol`/`strtoul` read it: optional sign, digits,
+/// nothing after. Out of range for `T` is `None`.
+fn number<T: std::str::FromStr>(token: &[u8]) -> Option<T> {
+    let digits = token.strip_prefix(b"+").unwrap_or(token);
+    if digits.is_empty() || digits.starts_with(b"+") {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Space-separated tokens of a request line; runs of spaces count as one.
+struct Tokens<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Tokens<'a> {
+    fn new(line: &'a [u8]) -> Self {
+        Tokens { rest: line }
+    }
+
+    /// The unsplit remainder of the line.
+    fn rest(self) -> &'a [u8] {
+        self.rest
+    }
+
+    /// Fills `out` with up to `out.len()` tokens and returns how many there
+    /// were; a count above `out.len()` means "too many".
+    fn collect_into(self, out: &mut [&'a [u8]]) -> usize {
+        let mut n = 0;
+        for token in self {
+            if n < out.len() {
+                out[n] = token;
+            }
+            n += 1;
+            if n > out.len() {
+                break;
+            }
+        }
+        n
+    }
+}
+
+impl<'a> Iterator for Tokens<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let start = self.rest.iter().position(|&b| b != b' ')?;
+        let rest = &self.rest[start..];
+        let end = rest.iter().position(|&b| b == b' ').unwrap_or(rest.len());
+        self.rest = &rest[end..];
+        Some(&rest[..end])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(buf: &[u8]) -> Parsed<'_> {
+        parse(buf, &Limits::default())
+    }
+
+    fn keys_of(parsed: Parsed<'_>) -> Vec<Vec<u8>> {
+        match parsed {
+            Parsed::Request(Command::Get { keys, .. }, _) => {
+                keys.iter().map(<[u8]>::to_vec).collect()
+            }
+            other => panic!("not a get: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn get_with_many_keys_and_extra_spaces() {
+        let buf = b"get a  bb ccc\r\n";
+        assert_eq!(
+            keys_of(p(buf)),
+            vec![b"a".to_vec(), b"bb".to_vec(), b"ccc".to_vec()]
+        );
+        match p(buf) {
+            Parsed::Request(Command::Get { cas: false, .. }, len) => assert_eq!(len, buf.len()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn gets_and_bare_newline() {
+        match p(b"gets k\nrest") {
+            Parsed::Request(Command::Get { cas: true, keys }, 7) => {
+                assert_eq!(keys.iter().collect::<Vec<_>>(), vec![&b"k"[..]])
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn get_without_keys_is_error() {
+        assert_eq!(p(b"get\r\n"), invalid(Reply::Error, 5, false));
+        assert_eq!(p(b"get   \r\n"), invalid(Reply::Error, 8, false));
+    }
+
+    #[test]
+    fn key_length_limit() {
+        let ok = format!("get {}\r\n", "k".repeat(250));
+        assert!(matches!(p(ok.as_bytes()), Parsed::Request(..)));
+        let long = format!("get x {}\r\n", "k".repeat(251));
+        assert_eq!(p(long.as_bytes()), invalid(BAD_FORMAT, long.len(), false));
+        let set = format!("set {} 0 0 1\r\nx\r\n", "k".repeat(251));
+        // The data line is not consumed: memcached then reads it as a command.
+        assert_eq!(p(set.as_bytes()), invalid(BAD_FORMAT, set.len() - 3, false));
+    }
+
+    #[test]
+    fn unknown_and_uppercase_commands_are_error() {
+        assert_eq!(p(b"GET a\r\n"), invalid(Reply::Error, 7, false));
+        assert_eq!(p(b"bogus\r\n"), invalid(Reply::Error, 7, false));
+        assert_eq!(p(b"\r\n"), invalid(Reply::Error, 2, false));
+    }
+
+    #[test]
+    fn set_parses_fields_and_data() {
+        let buf = b"set k 42 -1 5 noreply\r\nhello\r\nget k\r\n";
+        match p(buf) {
+            Parsed::Request(
+                Command::Store {
+                    mode: StoreMode::Set,
+                    key,
+                    flags,
+                    exptime,
+                    data,
+                    noreply,
+                },
+                len,
+            ) => {
+                assert_eq!(
+                    (key, flags, exptime, data, noreply),
+                    (&b"k"[..], 42, -1, &b"hello"[..], true)
+                );
+                assert_eq!(len, buf.len() - b"get k\r\n".len());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn fifth_argument_other_than_noreply_is_ignored() {
+        assert!(matches!(
+            p(b"add k 0 0 1 garbage\r\nx\r\n"),
+            Parsed::Request(
+                Command::Store {
+                    mode: StoreMode::Add,
+                    noreply: false,
+                    ..
+                },
+                24
+            )
+        ));
+        assert_eq!(
+            p(b"set k 0 0 1 noreply extra\r\n"),
+            invalid(Reply::Error, 27, false)
+        );
+        assert_eq!(p(b"set k 0 0\r\n"), invalid(Reply::Error, 11, false));
+    }
+
+    #[test]
+    fn set_waits_for_whole_data_block() {
+        assert_eq!(p(b"set k 0 0 5\r\nhel"), Parsed::Incomplete);
+        assert_eq!(p(b"set k 0 0 5\r\nhello\r"), Parsed::Incomplete);
+        assert_eq!(p(b"set k 0 0 5"), Parsed::Incomplete);
+    }
+
+    #[test]
+    fn bad_data_chunk_consumes_length_plus_two() {
+        // memcached reads 5 bytes "xyzab", rejects them, then parses "\r\n" as a command.
+        assert_eq!(
+            p(b"set a 0 0 3\r\nxyzab\r\n"),
+            invalid(BAD_CHUNK, 18, false)
+        );
+        assert_eq!(
+            p(b"set a 0 0 3 noreply\r\nxyzab\r\n"),
+            invalid(BAD_CHUNK, 26, true)
+        );
+    }
+
+    #[test]
+    fn bad_numbers() {
+        for line in [
+            &b"set a 0 abc 1\r\n"[..],
+            b"set a -1 0 1\r\n",
+            b"set a 4294967296 0 1\r\n",
+            b"set a 0 0 -1\r\n",
+            b"set a 0 0 2147483646\r\n",
+            b"set a 0 0 1x\r\n",
+        ] {
+            assert_eq!(p(line), invalid(BAD_FORMAT, line.len(), false), "{line:?}");
+        }
+        // strtol accepts a plus sign and leading zeros.
+        assert!(matches!(
+            p(b"set a +7 0 01\r\nx\r\n"),
+            Parsed::Request(Command::Store { flags: 7, .. }, _)
+        ));
+        assert_eq!(p(b"touch a abc\r\n"), invalid(BAD_EXPTIME, 13, false));
+    }
+
+    #[test]
+    fn too_large_is_discarded_not_buffered() {
+        let limits = Limits {
+            item_size_max: 100,
+            ..Limits::default()
+        };
+        // 1 byte key + 99 bytes fits; 100 does not.
+        assert!(matches!(
+            parse(b"set k 0 0 99\r\n", &limits),
+            Parsed::Incomplete
+        ));
+        assert_eq!(
+            parse(b"set k 0 0 100 noreply\r\n", &limits),
+            Parsed::TooLarge {
+                mode: StoreMode::Set,
+                key: b"k",
+                len: 23,
+                discard: 102,
+                noreply: true
+            }
+        );
+        // A 2 GB length is answered at once.
+        assert!(matches!(
+            parse(b"set k 0 0 2147483645\r\n", &limits),
+            Parsed::TooLarge {
+                discard: 2147483647,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn delete_forms() {
+        assert_eq!(
+            p(b"delete a\r\n"),
+            Parsed::Request(
+                Command::Delete {
+                    key: b"a",
+                    noreply: false
+                },
+                10
+            )
+        );
+        assert_eq!(
+            p(b"delete a 0\r\n"),
+            Parsed::Request(
+                Command::Delete {
+                    key: b"a",
+                    noreply: false
+                },
+                12
+            )
+        );
+        assert_eq!(
+            p(b"delete a noreply\r\n"),
+            Parsed::Request(
+                Command::Delete {
+                    key: b"a",
+                    noreply: true
+                },
+                18
+            )
+        );
+        assert_eq!(
+            p(b"delete a 0 noreply\r\n"),
+            Parsed::Request(
+                Command::Delete {
+                    key: b"a",
+                    noreply: true
+                },
+                20
+            )
+        );
+        assert_eq!(p(b"delete a 1\r\n"), invalid(DELETE_USAGE, 12, false));
+        assert_eq!(
+            p(b"delete a 1 noreply\r\n"),
+            invalid(DELETE_USAGE, 20, true)
+        );
+        assert_eq!(p(b"delete\r\n"), invalid(Reply::Error, 8, false));
+        assert_eq!(p(b"delete a b c d\r\n"), invalid(Reply::Error, 16, false));
+    }
+
+    #[test]
+    fn touch_forms() {
+        assert_eq!(
+            p(b"touch a 10 noreply\r\n"),
+            Parsed::Request(
+                Command::Touch {
+                    key: b"a",
+                    exptime: 10,
+                    noreply: true
+                },
+                20
+            )
+        );
+        assert_eq!(p(b"touch a 10 20 30\r\n"), invalid(Reply::Error, 18, false));
+    }
+
+    #[test]
+    fn version_and_quit_ignore_arguments() {
+        assert_eq!(
+            p(b"version extra\r\n"),
+            Parsed::Request(Command::Version, 15)
+        );
+        assert_eq!(p(b"quit\r\n"), Parsed::Request(Command::Quit, 6));
+    }
+
+    #[test]
+    fn long_lines_close_except_retrieval() {
+        let junk = vec![b'x'; 3000];
+        assert_eq!(p(&junk), Parsed::LineTooLong);
+        let mut get = b"get ".to_vec();
+        get.extend(std::iter::repeat_n(&b"a "[..], 1500).flatten());
+        assert_eq!(p(&get), Parsed::Incomplete);
+        let huge = [b"get ".as_slice(), &vec![b'a'; 300 * 1024]].concat();
+        assert_eq!(p(&huge), Parsed::LineTooLong);
+        assert_eq!(p(&junk[..2048]), Parsed::Incomplete);
+    }
+}

@@ -1,0 +1,135 @@
+//! Replies and their wire encoding. The engine builds [`Reply`] values and
+//! encodes them straight into the connection's write buffer, so a run of
+//! pipelined replies leaves in one write.
+
+use bytes::{BufMut, BytesMut};
+
+/// One reply line (and, for [`Reply::Value`], its data block).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply<'a> {
+    /// `VALUE <key> <flags> <bytes>[ <cas>]` + data: one hit of a retrieval.
+    Value {
+        key: &'a [u8],
+        flags: u32,
+        data: &'a [u8],
+        cas: Option<u64>,
+    },
+    /// `END`: the end of a retrieval.
+    End,
+    Stored,
+    NotStored,
+    NotFound,
+    Deleted,
+    Touched,
+    /// `VERSION <v>`.
+    Version(&'a str),
+    /// `ERROR`: unknown command or wrong number of tokens.
+    Error,
+    /// `CLIENT_ERROR <msg>`: the request was malformed.
+    ClientError(&'a str),
+    /// `SERVER_ERROR <msg>`: the request was fine but could not be served.
+    ServerError(&'a str),
+}
+
+impl Reply<'_> {
+    /// Appends the reply's bytes to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        match self {
+            Reply::Value {
+                key,
+                flags,
+                data,
+                cas,
+            } => {
+                let mut num = itoa::Buffer::new();
+                out.reserve(key.len() + data.len() + 40);
+                out.put_slice(b"VALUE ");
+                out.put_slice(key);
+                out.put_u8(b' ');
+                out.put_slice(num.format(*flags).as_bytes());
+                out.put_u8(b' ');
+                out.put_slice(num.format(data.len()).as_bytes());
+                if let Some(cas) = cas {
+                    out.put_u8(b' ');
+                    out.put_slice(num.format(*cas).as_bytes());
+                }
+                out.put_slice(b"\r\n");
+                out.put_slice(data);
+                out.put_slice(b"\r\n");
+            }
+            Reply::End => out.put_slice(b"END\r\n"),
+            Reply::Stored => out.put_slice(b"STORED\r\n"),
+            Reply::NotStored => out.put_slice(b"NOT_STORED\r\n"),
+            Reply::NotFound => out.put_slice(b"NOT_FOUND\r\n"),
+            Reply::Deleted => out.put_slice(b"DELETED\r\n"),
+            Reply::Touched => out.put_slice(b"TOUCHED\r\n"),
+            Reply::Version(v) => line(out, b"VERSION ", v),
+            Reply::Error => out.put_slice(b"ERROR\r\n"),
+            Reply::ClientError(msg) => line(out, b"CLIENT_ERROR ", msg),
+            Reply::ServerError(msg) => line(out, b"SERVER_ERROR ", msg),
+        }
+    }
+}
+
+/// `<prefix><text>\r\n`, with any CR or LF in `text` (an error message from
+/// elsewhere) replaced so one reply stays one line.
+fn line(out: &mut BytesMut, prefix: &[u8], text: &str) {
+    out.put_slice(prefix);
+    for &b in text.as_bytes() {
+        out.put_u8(if b == b'\r' || b == b'\n' { b' ' } else { b });
+    }
+    out.put_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(reply: Reply<'_>) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        reply.encode(&mut out);
+        out.to_vec()
+    }
+
+    #[test]
+    fn value_with_and_without_cas() {
+        let v = Reply::Value {
+            key: b"k",
+            flags: 4294967295,
+            data: b"x",
+            cas: None,
+        };
+        assert_eq!(bytes(v), b"VALUE k 4294967295 1\r\nx\r\n");
+        let v = Reply::Value {
+            key: b"k",
+            flags: 0,
+            data: b"",
+            cas: Some(9),
+        };
+        assert_eq!(bytes(v), b"VALUE k 0 0 9\r\n\r\n");
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(bytes(Reply::Stored), b"STORED\r\n");
+        assert_eq!(bytes(Reply::NotStored), b"NOT_STORED\r\n");
+        assert_eq!(bytes(Reply::NotFound), b"NOT_FOUND\r\n");
+        assert_eq!(bytes(Reply::Deleted), b"DELETED\r\n");
+        assert_eq!(bytes(Reply::Touched), b"TOUCHED\r\n");
+        assert_eq!(bytes(Reply::End), b"END\r\n");
+        assert_eq!(bytes(Reply::Error), b"ERROR\r\n");
+        assert_eq!(bytes(Reply::Version("1.6.18")), b"VERSION 1.6.18\r\n");
+    }
+
+    #[test]
+    fn error_text_stays_on_one_line() {
+        assert_eq!(
+            bytes(Reply::ServerError("dynamodb: timed out\r\nretry")),
+            b"SERVER_ERROR dynamodb: timed out  retry\r\n"
+        );
+        assert_eq!(
+            bytes(Reply::ClientError("bad data chunk")),
+            b"CLIENT_ERROR bad data chunk\r\n"
+        );
+    }
+}
