@@ -116,6 +116,15 @@ impl DynamoStore {
     /// A client from the standard AWS chain (env, profile, instance role),
     /// with the settings' endpoint, region, timeouts and retries on top.
     pub async fn connect(settings: DynamoSettings) -> DynamoStore {
+        DynamoStore::connect_with(settings, |loader| loader).await
+    }
+
+    /// [`DynamoStore::connect`], with a last word on the AWS configuration
+    /// (tests give DynamoDB Local static credentials this way).
+    pub async fn connect_with(
+        settings: DynamoSettings,
+        customize: impl FnOnce(aws_config::ConfigLoader) -> aws_config::ConfigLoader,
+    ) -> DynamoStore {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .timeout_config(
                 aws_config::timeout::TimeoutConfig::builder()
@@ -141,7 +150,8 @@ impl DynamoStore {
             }
             None => {}
         }
-        let sdk = loader.load().await;
+        // Boxed: the loader's future is large, and callers nest it in theirs.
+        let sdk = Box::pin(customize(loader).load()).await;
         DynamoStore::with_client(Client::new(&sdk), settings)
     }
 
@@ -258,7 +268,7 @@ impl DynamoStore {
                         .map_err(|e| StoreError::Service(e.to_string()))?,
                 ),
         };
-        match req.send().await {
+        match Box::pin(req.send()).await {
             Ok(_) => {}
             Err(e)
                 if e.as_service_error()
@@ -274,31 +284,35 @@ impl DynamoStore {
             .wait(Duration::from_secs(120))
             .await
             .map_err(|e| StoreError::Service(DisplayErrorContext(&e).to_string()))?;
-        self.client
-            .update_time_to_live()
-            .table_name(&s.table)
-            .time_to_live_specification(
-                TimeToLiveSpecification::builder()
-                    .enabled(true)
-                    .attribute_name(&s.expiry_attribute)
-                    .build()
-                    .map_err(|e| StoreError::Service(e.to_string()))?,
-            )
-            .send()
-            .await
-            .map_err(classify)?;
+        Box::pin(
+            self.client
+                .update_time_to_live()
+                .table_name(&s.table)
+                .time_to_live_specification(
+                    TimeToLiveSpecification::builder()
+                        .enabled(true)
+                        .attribute_name(&s.expiry_attribute)
+                        .build()
+                        .map_err(|e| StoreError::Service(e.to_string()))?,
+                )
+                .send(),
+        )
+        .await
+        .map_err(classify)?;
         Ok(true)
     }
 
     /// Whether the table exists and answers (for readiness).
     pub async fn describe_table(&self) -> Result<(), StoreError> {
-        self.client
-            .describe_table()
-            .table_name(&self.settings.table)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(classify)
+        Box::pin(
+            self.client
+                .describe_table()
+                .table_name(&self.settings.table)
+                .send(),
+        )
+        .await
+        .map(|_| ())
+        .map_err(classify)
     }
 }
 
@@ -396,14 +410,15 @@ impl Store for DynamoStore {
 
     async fn get(&self, key: &[u8], now: u32) -> Result<Option<StoredItem>, StoreError> {
         let started = Instant::now();
-        let result = self
-            .client
-            .get_item()
-            .table_name(&self.settings.table)
-            .key(&self.settings.key_attribute, self.key_value(key)?)
-            .consistent_read(self.settings.consistent_reads)
-            .send()
-            .await;
+        let result = Box::pin(
+            self.client
+                .get_item()
+                .table_name(&self.settings.table)
+                .key(&self.settings.key_attribute, self.key_value(key)?)
+                .consistent_read(self.settings.consistent_reads)
+                .send(),
+        )
+        .await;
         match result {
             Ok(out) => {
                 observe("GetItem", started, "ok");
@@ -456,7 +471,7 @@ impl Store for DynamoStore {
                 .expression_attribute_values(":now", AttributeValue::N(now.to_string()));
         }
         let started = Instant::now();
-        match req.send().await {
+        match Box::pin(req.send()).await {
             Ok(_) => {
                 observe("PutItem", started, "ok");
                 Ok(true)
@@ -478,14 +493,15 @@ impl Store for DynamoStore {
 
     async fn delete(&self, key: &[u8], now: u32) -> Result<bool, StoreError> {
         let started = Instant::now();
-        let result = self
-            .client
-            .delete_item()
-            .table_name(&self.settings.table)
-            .key(&self.settings.key_attribute, self.key_value(key)?)
-            .return_values(ReturnValue::AllOld)
-            .send()
-            .await;
+        let result = Box::pin(
+            self.client
+                .delete_item()
+                .table_name(&self.settings.table)
+                .key(&self.settings.key_attribute, self.key_value(key)?)
+                .return_values(ReturnValue::AllOld)
+                .send(),
+        )
+        .await;
         match result {
             Ok(out) => {
                 observe("DeleteItem", started, "ok");
@@ -526,7 +542,7 @@ impl Store for DynamoStore {
                 req.expression_attribute_values(":exp", AttributeValue::N(expires_at.to_string()));
         }
         let started = Instant::now();
-        match req.send().await {
+        match Box::pin(req.send()).await {
             Ok(out) => {
                 observe("UpdateItem", started, "ok");
                 // As it now is, even if the new expiry is already past.

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# test.sh: install what the tests need, then run every test.
+#
+# Installs Java 17 and DynamoDB Local (scripts/dynamodb-local.sh install),
+# starts one DynamoDB Local on a free loopback port for the whole run (tests
+# share it, each on its own table; fault tests start private ones), runs
+# formatting and lint checks and the whole test suite, and stops DynamoDB
+# Local on the way out, whatever happened.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+DDB=scripts/dynamodb-local.sh
+"$DDB" install
+
+# The Rust toolchain comes with the machine (rustup); fmt and clippy are its components.
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+PORT="$("$DDB" free-port)"
+trap '"$DDB" stop "$PORT"' EXIT
+"$DDB" start "$PORT"
+
+export DYNACACHE_TEST_DYNAMODB="http://127.0.0.1:$PORT"
+export DYNAMODB_LOCAL_DIR="${DYNAMODB_LOCAL_DIR:-$PWD/.dynamodb-local}"
+# DynamoDB Local accepts any credentials whose key id is letters and digits.
+export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-local}"
+export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-local}"
+export AWS_REGION="${AWS_REGION:-us-east-1}"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --all-targets --locked "$@"
