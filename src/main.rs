@@ -131,7 +131,8 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -160,7 +161,7 @@ async fn init_table(config: Config) -> Result<(), String> {
 async fn serve(config: Config) -> Result<(), String> {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        config = %config.to_toml().replace('\n', "; "),
+        config = %config.to_toml().lines().filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; "),
         "starting"
     );
     if !config.listen.ip().is_loopback() {
