@@ -35,6 +35,9 @@ pub struct Entry {
     pub expires_at: u32,
     /// The item's version in the store (its cas unique).
     pub version: u64,
+    /// When the engine last had this from the store (its own clock, in ms),
+    /// to bound how stale a copy may get ([`Entry::filled_at`]).
+    pub filled_at_ms: u64,
 }
 
 impl Entry {
@@ -50,7 +53,14 @@ impl Entry {
             flags,
             expires_at,
             version,
+            filled_at_ms: 0,
         }
+    }
+
+    /// The same entry, marked as read from the store at `ms`.
+    pub fn filled_at(mut self, ms: u64) -> Entry {
+        self.filled_at_ms = ms;
+        self
     }
 
     pub fn key(&self) -> &[u8] {

@@ -32,6 +32,15 @@ pub struct Config {
     /// How long shutdown waits for in-flight requests.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A cached entry older than this is re-read from DynamoDB before it is
+    /// served: the bound on seeing writes made through other sidecars. 0 = never.
+    #[serde(with = "humantime_serde")]
+    pub max_local_age: Duration,
+    /// If that re-read fails (DynamoDB down), serve the older copy rather than an error.
+    pub stale_on_error: bool,
+    /// Close a connection idle this long; 0 = never (memcached's default).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// "text" (human-readable) or "json" logs.
     pub log_format: LogFormat,
     pub dynamodb: DynamoSettings,
@@ -56,6 +65,9 @@ impl Default for Config {
             max_connections: 1024,
             cache_shards: 0,
             shutdown_grace: Duration::from_secs(10),
+            max_local_age: Duration::from_secs(2),
+            stale_on_error: true,
+            idle_timeout: Duration::ZERO,
             log_format: LogFormat::Text,
             dynamodb: DynamoSettings::default(),
             table: TableSettings::default(),

@@ -11,7 +11,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Engine, Flow};
-use crate::protocol::{Limits, Parsed, Reply, parse};
+use crate::protocol::{Parsed, Reply, parse};
+use crate::server::ServeOptions;
 use crate::store::Store;
 
 /// Read in chunks of this much at least.
@@ -22,18 +23,19 @@ const WRITE_HIGH_WATER: usize = 256 * 1024;
 const TOO_LARGE: Reply<'static> = Reply::ServerError("object too large for cache");
 
 /// Serves one connection until the client quits or disconnects, the
-/// protocol requires closing it, or `shutdown` fires while it is between
-/// requests.
+/// protocol requires closing it, it idles past `options.idle_timeout`, or
+/// `shutdown` fires while it is between requests.
 pub async fn serve<S, T>(
     mut stream: T,
     engine: &Engine<S>,
-    limits: &Limits,
+    options: &ServeOptions,
     shutdown: &CancellationToken,
 ) -> std::io::Result<()>
 where
     S: Store,
     T: AsyncRead + AsyncWrite + Unpin,
 {
+    let limits = &options.limits;
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut wbuf = BytesMut::with_capacity(READ_CHUNK);
     // Bytes of a too-large data block still to throw away.
@@ -99,10 +101,17 @@ where
         if rbuf.capacity() - rbuf.len() < READ_CHUNK {
             rbuf.reserve(READ_CHUNK);
         }
+        let idle = async {
+            match options.idle_timeout {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
+            }
+        };
         let read = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(()),
             read = stream.read_buf(&mut rbuf) => read?,
+            _ = idle => return Ok(()),
         };
         if read == 0 {
             return Ok(());

@@ -7,11 +7,21 @@
 //! - a get is served from memory on a hit; a miss reads the store and fills
 //!   the cache; a store error is `SERVER_ERROR`, never a miss;
 //! - an expired item is never served, from memory or from the store.
+//!
+//! Within one process the engine also keeps the cache equal to the store
+//! under concurrency ([`KeyLocks`] serialize writes per key; a read that was
+//! in flight when a write completed never fills the cache), coalesces
+//! concurrent misses of one key into one store read ([`Flight`]), fetches
+//! the misses of a multi-get in one batch, and re-reads entries older than
+//! `max_local_age` so writes made through other sidecars are seen in time.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
+use dashmap::DashMap;
+use tokio::sync::watch;
 
 use crate::cache::{Entry, ItemCache};
 use crate::metrics::{CommandMetrics, Outcome};
@@ -32,20 +42,55 @@ pub enum Flow {
     Close,
 }
 
+/// Tuning of the engine's consistency with other sidecars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// A cached entry older than this is re-read from the store before it is
+    /// served, bounding how long a write through another sidecar goes
+    /// unseen. Zero: never re-read (a single sidecar per table).
+    pub max_local_age: Duration,
+    /// When that re-read fails, serve the old copy instead of an error
+    /// (hits keep working through a DynamoDB outage).
+    pub stale_on_error: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            max_local_age: Duration::from_secs(2),
+            stale_on_error: true,
+        }
+    }
+}
+
 pub struct Engine<S> {
     cache: ItemCache,
     store: S,
+    options: EngineOptions,
     versions: VersionClock,
     metrics: CommandMetrics,
+    /// Store reads in flight, by key: later misses of the key wait for them.
+    reads: DashMap<Box<[u8]>, Arc<Flight>>,
+    writes: KeyLocks,
+    /// The origin of `filled_at_ms` stamps.
+    epoch: Instant,
 }
 
 impl<S: Store> Engine<S> {
     pub fn new(cache: ItemCache, store: S) -> Engine<S> {
+        Engine::with_options(cache, store, EngineOptions::default())
+    }
+
+    pub fn with_options(cache: ItemCache, store: S, options: EngineOptions) -> Engine<S> {
         Engine {
             cache,
             store,
+            options,
             versions: VersionClock::new(),
             metrics: CommandMetrics::new(),
+            reads: DashMap::new(),
+            writes: KeyLocks::default(),
+            epoch: Instant::now(),
         }
     }
 
@@ -127,29 +172,175 @@ impl<S: Store> Engine<S> {
             }
         }
         let start = out.len();
-        let mut all_hit = true;
-        for key in keys.iter() {
-            if let Some(entry) = self.cache.get(key, now) {
-                self.metrics.hits.increment(1);
-                value_reply(out, key, entry.flags, entry.value(), entry.version, cas);
-                continue;
-            }
-            self.metrics.misses.increment(1);
-            match self.store.get(key, now).await {
-                Ok(Some(item)) => {
-                    value_reply(out, key, item.flags, &item.value, item.version, cas);
-                    self.fill(key, &item, now);
+        let now_ms = self.now_ms();
+        // Fast path: answer hits straight from the cache, allocating nothing,
+        // until the first key that needs the store.
+        let mut rest = keys.iter();
+        let mut first_miss = None;
+        for key in rest.by_ref() {
+            match self.fresh(key, now, now_ms) {
+                Lookup::Fresh(entry) => {
+                    self.metrics.hits.increment(1);
+                    value_reply(out, key, entry.flags, entry.value(), entry.version, cas);
                 }
-                Ok(None) => all_hit = false,
-                Err(e) => {
+                other => {
+                    first_miss = Some((key, other));
+                    break;
+                }
+            }
+        }
+        let Some((key, lookup)) = first_miss else {
+            Reply::End.encode(out);
+            return Outcome::Hit;
+        };
+
+        // Slow path: look the remaining keys up, read all misses in one go.
+        let mut lookups = vec![(key, lookup)];
+        lookups.extend(rest.map(|k| (k, self.fresh(k, now, now_ms))));
+        let mut wanted: Vec<&[u8]> = Vec::new();
+        for (key, lookup) in &lookups {
+            if !matches!(lookup, Lookup::Fresh(_)) && !wanted.contains(key) {
+                wanted.push(key);
+            }
+        }
+        let fetched = match self.fetch(&wanted, now).await {
+            Ok(fetched) => Some(fetched),
+            Err(e) => {
+                // Old copies may stand in for a failed re-read, if allowed.
+                let stale_ok = self.options.stale_on_error
+                    && lookups.iter().all(|(_, l)| !matches!(l, Lookup::Absent));
+                if !stale_ok {
                     // Never a partial answer that reads as a miss.
                     out.truncate(start);
                     return error_reply(out, &e);
                 }
+                tracing::debug!(error = %e, "serving entries past max_local_age: the store failed");
+                None
+            }
+        };
+        let mut all_hit = true;
+        for (key, lookup) in lookups {
+            let item = match (lookup, &fetched) {
+                (Lookup::Fresh(entry), _) => {
+                    self.metrics.hits.increment(1);
+                    Some((entry.flags, Value::Cached(entry)))
+                }
+                (Lookup::Aged(entry), None) => {
+                    self.metrics.stale_served.increment(1);
+                    Some((entry.flags, Value::Cached(entry)))
+                }
+                (_, Some(fetched)) => {
+                    self.metrics.misses.increment(1);
+                    let i = wanted
+                        .iter()
+                        .position(|k| *k == key)
+                        .expect("every miss was fetched");
+                    fetched[i]
+                        .clone()
+                        .map(|item| (item.flags, Value::Stored(item)))
+                }
+                (Lookup::Absent, None) => {
+                    unreachable!("an absent key makes a failed fetch an error")
+                }
+            };
+            match item {
+                Some((flags, value)) => {
+                    value_reply(out, key, flags, value.bytes(), value.version(), cas);
+                }
+                None => all_hit = false,
             }
         }
         Reply::End.encode(out);
         if all_hit { Outcome::Hit } else { Outcome::Miss }
+    }
+
+    /// What the cache can do for `key`: a fresh entry, one past
+    /// `max_local_age` (to re-read, kept as a fallback), or nothing.
+    fn fresh(&self, key: &[u8], now: u32, now_ms: u64) -> Lookup {
+        match self.cache.get(key, now) {
+            None => Lookup::Absent,
+            Some(entry) => {
+                let max = self.options.max_local_age.as_millis() as u64;
+                if max > 0 && now_ms.saturating_sub(entry.filled_at_ms) >= max {
+                    self.metrics.revalidations.increment(1);
+                    Lookup::Aged(entry)
+                } else {
+                    Lookup::Fresh(entry)
+                }
+            }
+        }
+    }
+
+    /// Reads `keys` (distinct) from the store, joining reads already in
+    /// flight for any of them, and fills the cache with what it read unless
+    /// a write to the key completed meanwhile.
+    async fn fetch(&self, keys: &[&[u8]], now: u32) -> Result<Vec<Option<StoredItem>>, StoreError> {
+        let mut results: Vec<Option<Option<StoredItem>>> = vec![None; keys.len()];
+        let mut lead = Leader {
+            reads: &self.reads,
+            keys,
+            flights: Vec::new(),
+        };
+        let mut follow = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            match self.reads.entry(Box::from(*key)) {
+                dashmap::Entry::Occupied(e) => follow.push((i, e.get().result.subscribe())),
+                dashmap::Entry::Vacant(e) => {
+                    let flight = Arc::new(Flight::new());
+                    e.insert(flight.clone());
+                    lead.flights.push((i, flight));
+                }
+            }
+        }
+        if !lead.flights.is_empty() {
+            let lead_keys: Vec<&[u8]> = lead.flights.iter().map(|(i, _)| keys[*i]).collect();
+            let read = match lead_keys.as_slice() {
+                [one] => self.store.get(one, now).await.map(|item| vec![item]),
+                many => self.store.get_many(many, now).await,
+            };
+            let now_ms = self.now_ms();
+            match &read {
+                Ok(items) => {
+                    for ((i, flight), item) in lead.flights.iter().zip(items) {
+                        // Fill only if no write took the flight out of the map.
+                        let key = keys[*i];
+                        self.reads.remove_if(key, |_, f| {
+                            let ours = Arc::ptr_eq(f, flight);
+                            if ours && let Some(item) = item {
+                                self.fill_at(key, item, now, now_ms);
+                            }
+                            ours
+                        });
+                        let _ = flight.result.send(Some(Ok(item.clone())));
+                        results[*i] = Some(item.clone());
+                    }
+                }
+                Err(e) => {
+                    for (_, flight) in &lead.flights {
+                        let _ = flight.result.send(Some(Err(e.clone())));
+                    }
+                }
+            }
+            lead.finish();
+            read?;
+        }
+        for (i, mut rx) in follow {
+            self.metrics.coalesced.increment(1);
+            let shared = rx
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|v| (*v).clone());
+            results[i] = Some(match shared {
+                Some(result) => result?,
+                // The leader went away without an answer: read it ourselves.
+                None => self.store.get(keys[i], now).await?,
+            });
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every key was read"))
+            .collect())
     }
 
     async fn store_item(
@@ -172,7 +363,10 @@ impl<S: Store> Engine<S> {
             StoreMode::Set => PutCondition::Always,
             StoreMode::Add => PutCondition::Absent { now },
         };
-        match self.store.put(key, &item, condition).await {
+        let _lock = self.writes.lock(key).await;
+        let result = self.store.put(key, &item, condition).await;
+        self.reads.remove(key);
+        match result {
             Ok(true) => {
                 self.fill(key, &item, now);
                 Ok((Outcome::Stored, Reply::Stored))
@@ -187,7 +381,9 @@ impl<S: Store> Engine<S> {
 
     async fn delete(&self, key: &[u8], now: u32) -> Answer {
         self.store.check_key(key)?;
+        let _lock = self.writes.lock(key).await;
         let result = self.store.delete(key, now).await;
+        self.reads.remove(key);
         self.cache.remove(key);
         match result {
             Ok(true) => Ok((Outcome::Deleted, Reply::Deleted)),
@@ -198,7 +394,10 @@ impl<S: Store> Engine<S> {
 
     async fn touch(&self, key: &[u8], exptime: i64, now: u32) -> Answer {
         self.store.check_key(key)?;
-        match self.store.touch(key, expiry(exptime, now), now).await {
+        let _lock = self.writes.lock(key).await;
+        let result = self.store.touch(key, expiry(exptime, now), now).await;
+        self.reads.remove(key);
+        match result {
             Ok(Some(item)) => {
                 self.fill(key, &item, now);
                 Ok((Outcome::Touched, Reply::Touched))
@@ -217,17 +416,126 @@ impl<S: Store> Engine<S> {
     /// Caches what the store just confirmed it holds; an expired item
     /// instead removes any cached copy.
     fn fill(&self, key: &[u8], item: &StoredItem, now: u32) {
+        self.fill_at(key, item, now, self.now_ms());
+    }
+
+    fn fill_at(&self, key: &[u8], item: &StoredItem, now: u32, now_ms: u64) {
         if item.is_expired(now) {
             self.cache.remove(key);
         } else {
-            self.cache.insert(Entry::new(
-                key,
-                &item.value,
-                item.flags,
-                item.expires_at,
-                item.version,
-            ));
+            let entry = Entry::new(key, &item.value, item.flags, item.expires_at, item.version);
+            self.cache.insert(entry.filled_at(now_ms));
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// What the cache holds for a key, as the get path sees it.
+enum Lookup {
+    Fresh(Entry),
+    /// Older than `max_local_age`: re-read it, but keep it in case the store fails.
+    Aged(Entry),
+    Absent,
+}
+
+/// A value to answer with, from the cache or just read from the store.
+enum Value {
+    Cached(Entry),
+    Stored(StoredItem),
+}
+
+impl Value {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Value::Cached(e) => e.value(),
+            Value::Stored(i) => &i.value,
+        }
+    }
+
+    fn version(&self) -> u64 {
+        match self {
+            Value::Cached(e) => e.version,
+            Value::Stored(i) => i.version,
+        }
+    }
+}
+
+type ReadResult = Result<Option<StoredItem>, StoreError>;
+
+/// One store read in flight; requests missing the same key wait for its result.
+struct Flight {
+    result: watch::Sender<Option<ReadResult>>,
+}
+
+impl Flight {
+    fn new() -> Flight {
+        Flight {
+            result: watch::channel(None).0,
+        }
+    }
+}
+
+/// The flights a request leads. Dropped (finished or cancelled), it takes
+/// them out of the map if still there, so no later miss waits on a dead read.
+struct Leader<'a> {
+    reads: &'a DashMap<Box<[u8]>, Arc<Flight>>,
+    keys: &'a [&'a [u8]],
+    /// Index into `keys`, and the flight this request leads for that key.
+    flights: Vec<(usize, Arc<Flight>)>,
+}
+
+impl Leader<'_> {
+    fn finish(self) {}
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        for (i, flight) in &self.flights {
+            self.reads
+                .remove_if(self.keys[*i], |_, f| Arc::ptr_eq(f, flight));
+        }
+    }
+}
+
+/// Per-key write locks: writes to one key from this process reach the store
+/// and then the cache one at a time, so the cache ends as the store does.
+#[derive(Default)]
+struct KeyLocks {
+    locks: DashMap<Box<[u8]>, Arc<tokio::sync::Mutex<()>>>,
+}
+
+struct KeyLockGuard<'a> {
+    locks: &'a KeyLocks,
+    key: Box<[u8]>,
+    lock: Option<Arc<tokio::sync::Mutex<()>>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyLocks {
+    async fn lock(&self, key: &[u8]) -> KeyLockGuard<'_> {
+        let lock = self.locks.entry(Box::from(key)).or_default().clone();
+        let guard = lock.clone().lock_owned().await;
+        KeyLockGuard {
+            locks: self,
+            key: Box::from(key),
+            lock: Some(lock),
+            guard: Some(guard),
+        }
+    }
+}
+
+impl Drop for KeyLockGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let lock = self.lock.take();
+        // Forget the key's lock unless another writer holds or awaits it
+        // (the map's reference and ours make two).
+        self.locks.locks.remove_if(&self.key, |_, l| {
+            lock.as_ref().is_some_and(|ours| Arc::ptr_eq(l, ours)) && Arc::strong_count(l) == 2
+        });
     }
 }
 

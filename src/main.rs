@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use dynacache::cache::{CacheStats, ItemCache};
 use dynacache::config::{Config, LogFormat};
-use dynacache::engine::Engine;
+use dynacache::engine::{Engine, EngineOptions};
 use dynacache::protocol::Limits;
 use dynacache::server::{self, ServeOptions};
 use dynacache::store::{DynamoStore, Store};
@@ -181,7 +181,11 @@ async fn serve(config: Config) -> Result<(), String> {
         n => n,
     };
     let cache = ItemCache::new(config.memory_limit.as_u64(), shards);
-    let engine = Arc::new(Engine::new(cache, store));
+    let engine_options = EngineOptions {
+        max_local_age: config.max_local_age,
+        stale_on_error: config.stale_on_error,
+    };
+    let engine = Arc::new(Engine::with_options(cache, store, engine_options));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -195,6 +199,7 @@ async fn serve(config: Config) -> Result<(), String> {
         limits,
         max_connections: config.max_connections,
         shutdown_grace: config.shutdown_grace,
+        idle_timeout: (!config.idle_timeout.is_zero()).then_some(config.idle_timeout),
     };
     if server::serve(listener, engine, options, shutdown).await {
         tracing::info!("stopped");

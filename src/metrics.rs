@@ -22,6 +22,10 @@ pub const CACHE_BYTES: &str = "dynacache_cache_bytes";
 pub const CACHE_LIMIT_BYTES: &str = "dynacache_cache_limit_bytes";
 pub const DYNAMODB_REQUESTS: &str = "dynacache_dynamodb_requests_total";
 pub const DYNAMODB_DURATION: &str = "dynacache_dynamodb_request_duration_seconds";
+pub const DYNAMODB_BATCH_KEYS: &str = "dynacache_dynamodb_batch_get_keys";
+pub const CACHE_COALESCED: &str = "dynacache_cache_coalesced_misses_total";
+pub const CACHE_STALE_SERVED: &str = "dynacache_cache_stale_served_total";
+pub const CACHE_REVALIDATIONS: &str = "dynacache_cache_revalidations_total";
 pub const CONNECTIONS: &str = "dynacache_connections";
 pub const CONNECTIONS_TOTAL: &str = "dynacache_connections_total";
 
@@ -30,12 +34,16 @@ const DURATION_BUCKETS: &[f64] = &[
     0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Keys per BatchGetItem call: up to DynamoDB's 100.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0];
+
 /// Installs the global recorder and serves `/metrics` on `addr`.
 /// Must run inside a tokio runtime.
 pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), DURATION_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(DYNAMODB_BATCH_KEYS.into()), BATCH_BUCKETS)?
         .install()?;
     describe();
     Ok(())
@@ -69,6 +77,22 @@ fn describe() {
         DYNAMODB_DURATION,
         Unit::Seconds,
         "DynamoDB call latency, retries included."
+    );
+    describe_histogram!(
+        DYNAMODB_BATCH_KEYS,
+        "Keys per BatchGetItem call (multi-get misses)."
+    );
+    describe_counter!(
+        CACHE_COALESCED,
+        "Misses that waited for another request's read of the same key."
+    );
+    describe_counter!(
+        CACHE_REVALIDATIONS,
+        "Cached entries older than max_local_age re-read from DynamoDB."
+    );
+    describe_counter!(
+        CACHE_STALE_SERVED,
+        "Entries older than max_local_age served because DynamoDB failed."
     );
     describe_gauge!(CONNECTIONS, "Open client connections.");
     describe_counter!(
@@ -135,6 +159,9 @@ pub struct CommandMetrics {
     commands: Box<[OnceLock<Counter>]>,
     pub hits: Counter,
     pub misses: Counter,
+    pub coalesced: Counter,
+    pub revalidations: Counter,
+    pub stale_served: Counter,
     pub connections: Gauge,
     pub connections_total: Counter,
 }
@@ -148,6 +175,9 @@ impl CommandMetrics {
                 .collect(),
             hits: metrics::counter!(CACHE_HITS),
             misses: metrics::counter!(CACHE_MISSES),
+            coalesced: metrics::counter!(CACHE_COALESCED),
+            revalidations: metrics::counter!(CACHE_REVALIDATIONS),
+            stale_served: metrics::counter!(CACHE_STALE_SERVED),
             connections: metrics::gauge!(CONNECTIONS),
             connections_total: metrics::counter!(CONNECTIONS_TOTAL),
         }

@@ -22,6 +22,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// How long shutdown waits for open connections to finish.
     pub shutdown_grace: Duration,
+    /// Close connections idle this long (None: never).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Serves `listener` until `shutdown` fires, then stops accepting, lets
@@ -61,7 +63,7 @@ pub async fn serve<S: Store>(
             let metrics = engine.metrics();
             metrics.connections.increment(1.0);
             metrics.connections_total.increment(1);
-            if let Err(e) = connection::serve(stream, &engine, &options.limits, &shutdown).await {
+            if let Err(e) = connection::serve(stream, &engine, &options, &shutdown).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             metrics.connections.decrement(1.0);

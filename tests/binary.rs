@@ -305,3 +305,63 @@ async fn endpoint_from_the_standard_aws_variable() {
     let tables = db.client().list_tables().send().await.unwrap();
     assert!(tables.table_names().contains(&table));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_acknowledged_write() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let metrics_listen = format!("127.0.0.1:{}", free_port());
+    let mut child = dynacache(&[
+        "--listen",
+        &listen,
+        "--metrics-listen",
+        &metrics_listen,
+        "--endpoint-url",
+        &db.endpoint,
+        "--table",
+        &settings.table,
+    ])
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    wait_listening(&mut child, port);
+    let running = Running(child);
+
+    // Writers send sets one after another and record each acknowledged key.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let mut c = McClient::connect(listen.parse().unwrap()).await;
+        let acked = acked.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let key = format!("w{w}-{i}");
+                c.send(format!("set {key} 0 0 {}\r\n{key}\r\n", key.len()).as_bytes())
+                    .await;
+                match c.try_reply().await {
+                    Some(reply) if reply == "STORED\r\n" => acked.lock().unwrap().push(key),
+                    _ => return,
+                }
+            }
+        }));
+    }
+    // Kill -9 in the middle of the stream of writes.
+    let deadline = Instant::now() + WAIT;
+    while acked.lock().unwrap().len() < 200 {
+        assert!(Instant::now() < deadline, "writes too slow");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(running); // SIGKILL, then reap
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 200);
+    for key in &acked {
+        let item = common::table_item(&db.client(), &settings, key).await;
+        let value = item.unwrap_or_else(|| panic!("acknowledged {key} is missing"));
+        assert_eq!(value["value"].as_b().unwrap().as_ref(), key.as_bytes());
+    }
+}

@@ -15,7 +15,8 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkErro
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType as DynamoKeyType,
-    ProvisionedThroughput, ReturnValue, ScalarAttributeType, TimeToLiveSpecification,
+    KeysAndAttributes, ProvisionedThroughput, ReturnValue, ScalarAttributeType,
+    TimeToLiveSpecification,
 };
 use serde::{Deserialize, Serialize};
 
@@ -316,6 +317,9 @@ impl DynamoStore {
     }
 }
 
+/// BatchGetItem's limit of keys per call.
+const BATCH_GET_MAX: usize = 100;
+
 const NOT_UTF8: &str = "key is not valid UTF-8, which the table's S key attribute requires";
 
 fn bad_attr(name: &str) -> StoreError {
@@ -430,6 +434,84 @@ impl Store for DynamoStore {
                 Err(err)
             }
         }
+    }
+
+    async fn get_many(
+        &self,
+        keys: &[&[u8]],
+        now: u32,
+    ) -> Result<Vec<Option<StoredItem>>, StoreError> {
+        let s = &self.settings;
+        let index: HashMap<&[u8], usize> = keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+        let mut items = vec![None; keys.len()];
+        // Unprocessed keys (DynamoDB's partial answers under load) are retried
+        // with backoff, within the same bound as any one operation.
+        let deadline = Instant::now() + s.operation_timeout;
+        for chunk in keys.chunks(BATCH_GET_MAX) {
+            let mut pending = chunk
+                .iter()
+                .map(|k| {
+                    Ok(HashMap::from([(
+                        s.key_attribute.clone(),
+                        self.key_value(k)?,
+                    )]))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            let mut backoff = Duration::from_millis(20);
+            loop {
+                metrics::histogram!(crate::metrics::DYNAMODB_BATCH_KEYS)
+                    .record(pending.len() as f64);
+                let request = KeysAndAttributes::builder()
+                    .set_keys(Some(pending))
+                    .consistent_read(s.consistent_reads)
+                    .build()
+                    .map_err(|e| StoreError::Service(e.to_string()))?;
+                let started = Instant::now();
+                let sent = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&s.table, request)
+                    .send();
+                let out = match Box::pin(sent).await {
+                    Ok(out) => out,
+                    Err(e) => {
+                        let err = classify(e);
+                        observe("BatchGetItem", started, outcome_of(&err));
+                        return Err(err);
+                    }
+                };
+                observe("BatchGetItem", started, "ok");
+                for attrs in out
+                    .responses()
+                    .and_then(|r| r.get(&s.table))
+                    .into_iter()
+                    .flatten()
+                {
+                    let key = match attrs.get(&s.key_attribute) {
+                        Some(AttributeValue::S(k)) => k.as_bytes(),
+                        Some(AttributeValue::B(k)) => k.as_ref(),
+                        _ => return Err(bad_attr(&s.key_attribute)),
+                    };
+                    if let Some(&i) = index.get(key) {
+                        items[i] = self.live_item(Some(attrs), now)?;
+                    }
+                }
+                pending = out
+                    .unprocessed_keys()
+                    .and_then(|u| u.get(&s.table))
+                    .map(|k| k.keys().to_vec())
+                    .unwrap_or_default();
+                if pending.is_empty() {
+                    break;
+                }
+                if Instant::now() + backoff > deadline {
+                    return Err(StoreError::Throttled);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+        Ok(items)
     }
 
     async fn put(

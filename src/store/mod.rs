@@ -77,6 +77,23 @@ pub trait Store: Send + Sync + 'static {
         now: u32,
     ) -> impl Future<Output = Result<Option<StoredItem>, StoreError>> + Send;
 
+    /// The live items for several distinct keys at `now`, in `keys` order.
+    /// One call may cost several round trips (DynamoDB: BatchGetItem, 100
+    /// keys each, unprocessed keys retried); any failure fails them all.
+    fn get_many(
+        &self,
+        keys: &[&[u8]],
+        now: u32,
+    ) -> impl Future<Output = Result<Vec<Option<StoredItem>>, StoreError>> + Send {
+        async move {
+            let mut items = Vec::with_capacity(keys.len());
+            for key in keys {
+                items.push(self.get(key, now).await?);
+            }
+            Ok(items)
+        }
+    }
+
     /// Writes `item`; returns false when `condition` did not hold.
     fn put(
         &self,

@@ -9,6 +9,8 @@
 //! stops it when done. Tests that stop DynamoDB always use a private one.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -23,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use dynacache::cache::ItemCache;
-use dynacache::engine::Engine;
+use dynacache::engine::{Engine, EngineOptions};
 use dynacache::protocol::Limits;
 use dynacache::server::{self, ServeOptions};
 use dynacache::store::{DynamoSettings, DynamoStore, Store, TableSettings};
@@ -207,12 +209,22 @@ impl TestServer {
     }
 
     pub async fn start_with(settings: DynamoSettings, memory_limit: u64) -> TestServer {
+        TestServer::start_custom(settings, memory_limit, EngineOptions::default(), None).await
+    }
+
+    pub async fn start_custom(
+        settings: DynamoSettings,
+        memory_limit: u64,
+        engine_options: EngineOptions,
+        idle_timeout: Option<Duration>,
+    ) -> TestServer {
         let store = connect(settings).await;
         let limits = Limits {
             item_overhead: store.item_overhead(),
             ..Limits::default()
         };
-        let engine = Arc::new(Engine::new(ItemCache::new(memory_limit, 4), store));
+        let cache = ItemCache::new(memory_limit, 4);
+        let engine = Arc::new(Engine::with_options(cache, store, engine_options));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -220,6 +232,7 @@ impl TestServer {
             limits,
             max_connections: 64,
             shutdown_grace: Duration::from_secs(5),
+            idle_timeout,
         };
         let task = tokio::spawn(server::serve(
             listener,
@@ -294,6 +307,23 @@ impl McClient {
                 continue;
             }
             return String::from_utf8_lossy(&reply).into_owned();
+        }
+    }
+
+    /// One whole reply, or None if the connection ended first.
+    pub async fn try_reply(&mut self) -> Option<String> {
+        loop {
+            if let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                return Some(
+                    String::from_utf8_lossy(&self.buf.drain(..pos + 2).collect::<Vec<_>>())
+                        .into_owned(),
+                );
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
+                _ => return None,
+            }
         }
     }
 

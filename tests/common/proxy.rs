@@ -1,0 +1,228 @@
+//! A loopback TCP proxy between dynacache and DynamoDB Local that injects
+//! faults and counts DynamoDB calls by operation (from each request's
+//! `X-Amz-Target` header), so tests can assert what reached DynamoDB.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+/// What the proxy does to traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fault {
+    /// Forward everything.
+    Pass = 0,
+    /// Swallow requests: connections stay open, nothing ever answers.
+    Blackhole = 1,
+    /// Reset new connections at once (RST), close open ones on their next request.
+    Reset = 2,
+}
+
+struct Shared {
+    upstream: SocketAddr,
+    fault: AtomicU8,
+    delay_ms: AtomicU64,
+    /// While set, responses to GetItem requests are held until released.
+    hold_get_responses: AtomicBool,
+    held: AtomicU64,
+    release: Notify,
+    calls: Mutex<HashMap<String, u64>>,
+}
+
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: &str) -> FaultProxy {
+        let upstream: SocketAddr = upstream
+            .trim_start_matches("http://")
+            .parse()
+            .expect("upstream is http://127.0.0.1:PORT");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            upstream,
+            fault: AtomicU8::new(Fault::Pass as u8),
+            delay_ms: AtomicU64::new(0),
+            hold_get_responses: AtomicBool::new(false),
+            held: AtomicU64::new(0),
+            release: Notify::new(),
+            calls: Mutex::new(HashMap::new()),
+        });
+        let s = shared.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(relay(client, s.clone()));
+            }
+        });
+        FaultProxy { addr, shared, task }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_fault(&self, fault: Fault) {
+        self.shared.fault.store(fault as u8, Ordering::SeqCst);
+    }
+
+    /// Delays every request by `delay` before forwarding it.
+    pub fn set_delay(&self, delay: Duration) {
+        self.shared
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Holds GetItem responses (the read has happened in DynamoDB, its
+    /// answer is late) until [`FaultProxy::release_gets`].
+    pub fn hold_get_responses(&self) {
+        self.shared.hold_get_responses.store(true, Ordering::SeqCst);
+    }
+
+    pub fn release_gets(&self) {
+        self.shared
+            .hold_get_responses
+            .store(false, Ordering::SeqCst);
+        self.shared.release.notify_waiters();
+    }
+
+    /// GetItem responses being held now.
+    pub fn held(&self) -> u64 {
+        self.shared.held.load(Ordering::SeqCst)
+    }
+
+    /// Calls of `operation` (e.g. "GetItem") seen so far.
+    pub fn calls(&self, operation: &str) -> u64 {
+        self.shared
+            .calls
+            .lock()
+            .unwrap()
+            .get(operation)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Waits (bounded) until `operation` has been called at least `n` times.
+    pub async fn wait_calls(&self, operation: &str, n: u64) {
+        let deadline = Instant::now() + super::WAIT;
+        while self.calls(operation) < n {
+            assert!(
+                Instant::now() < deadline,
+                "{operation} never reached {n} calls"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn fault(shared: &Shared) -> Fault {
+    match shared.fault.load(Ordering::SeqCst) {
+        1 => Fault::Blackhole,
+        2 => Fault::Reset,
+        _ => Fault::Pass,
+    }
+}
+
+async fn relay(client: TcpStream, shared: Arc<Shared>) {
+    if fault(&shared) == Fault::Reset {
+        let _ = client.set_zero_linger();
+        return;
+    }
+    let Ok(upstream) = TcpStream::connect(shared.upstream).await else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (mut client_rd, mut client_wr) = client.into_split();
+    let (mut up_rd, mut up_wr) = upstream.into_split();
+    // Set by the request side when the request in flight is a GetItem.
+    let last_was_get = Arc::new(AtomicBool::new(false));
+
+    let requests = {
+        let shared = shared.clone();
+        let last_was_get = last_was_get.clone();
+        async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match client_rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                match fault(&shared) {
+                    Fault::Blackhole => continue,
+                    Fault::Reset => return,
+                    Fault::Pass => {}
+                }
+                if let Some(op) = operation(&buf[..n]) {
+                    last_was_get.store(op == "GetItem", Ordering::SeqCst);
+                    *shared.calls.lock().unwrap().entry(op).or_default() += 1;
+                }
+                let delay = shared.delay_ms.load(Ordering::SeqCst);
+                if delay > 0 {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
+                if up_wr.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let responses = {
+        let shared = shared.clone();
+        async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match up_rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if shared.hold_get_responses.load(Ordering::SeqCst)
+                    && last_was_get.load(Ordering::SeqCst)
+                {
+                    shared.held.fetch_add(1, Ordering::SeqCst);
+                    let released = shared.release.notified();
+                    if shared.hold_get_responses.load(Ordering::SeqCst) {
+                        released.await;
+                    }
+                    shared.held.fetch_sub(1, Ordering::SeqCst);
+                }
+                if client_wr.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    // Whichever side ends first ends the connection.
+    tokio::select! {
+        _ = requests => {}
+        _ = responses => {}
+    }
+}
+
+/// The DynamoDB operation named in a request's `X-Amz-Target` header, if
+/// this chunk carries the header (the SDK writes headers in one piece).
+fn operation(chunk: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(chunk);
+    text.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        if !name.trim().eq_ignore_ascii_case("x-amz-target") {
+            return None;
+        }
+        Some(value.trim().rsplit('.').next()?.to_string())
+    })
+}

@@ -1,0 +1,468 @@
+//! The contract under concurrency, DynamoDB faults, careless clients and a
+//! fleet of sidecars. DynamoDB calls are counted on the wire by a fault
+//! proxy between dynacache and DynamoDB Local (tests/common/proxy.rs).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::primitives::Blob;
+use aws_sdk_dynamodb::types::AttributeValue;
+use common::proxy::{Fault, FaultProxy};
+use common::{DynamoLocal, McClient, TestServer, WAIT, table_item};
+use dynacache::engine::EngineOptions;
+use dynacache::store::DynamoSettings;
+
+const MB: u64 = 1 << 20;
+
+/// Settings that reach the table through `proxy`, with short timeouts.
+fn via(proxy: &FaultProxy, settings: &DynamoSettings) -> DynamoSettings {
+    DynamoSettings {
+        endpoint_url: Some(proxy.endpoint()),
+        connect_timeout: Duration::from_millis(500),
+        operation_timeout: Duration::from_secs(1),
+        max_attempts: 2,
+        ..settings.clone()
+    }
+}
+
+fn options(max_local_age: Duration) -> EngineOptions {
+    EngineOptions {
+        max_local_age,
+        ..EngineOptions::default()
+    }
+}
+
+async fn put_raw(db: &DynamoLocal, settings: &DynamoSettings, key: &str, value: &str) {
+    db.client()
+        .put_item()
+        .table_name(&settings.table)
+        .item("key", AttributeValue::S(key.into()))
+        .item("value", AttributeValue::B(Blob::new(value)))
+        .item("flags", AttributeValue::N("0".into()))
+        .item("version", AttributeValue::N("1".into()))
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_of_one_key_make_one_read() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    put_raw(&db, &settings, "hot", "v").await;
+    let proxy = FaultProxy::start(&db.endpoint).await;
+    // Slow reads widen the window in which misses pile up.
+    proxy.set_delay(Duration::from_millis(300));
+    let server = TestServer::start_custom(
+        via(&proxy, &settings),
+        64 * MB,
+        options(Duration::ZERO),
+        None,
+    )
+    .await;
+
+    let mut clients = Vec::new();
+    for _ in 0..100 {
+        clients.push(server.client().await);
+    }
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| tokio::spawn(async move { c.call(b"get hot\r\n").await }))
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), "VALUE hot 0 1\r\nv\r\nEND\r\n");
+    }
+    assert_eq!(
+        proxy.calls("GetItem"),
+        1,
+        "100 concurrent gets of one missing key = 1 DynamoDB read"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_get_misses_are_batched() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    {
+        let writer = TestServer::start(settings.clone()).await;
+        let mut c = writer.client().await;
+        for i in 0..250 {
+            let v = format!("v{i}");
+            let req = format!("set k{i} {i} 0 {}\r\n{v}\r\n", v.len());
+            assert_eq!(c.call(req.as_bytes()).await, "STORED\r\n");
+        }
+    }
+    let proxy = FaultProxy::start(&db.endpoint).await;
+    let server = TestServer::start(via(&proxy, &settings)).await;
+    let mut c = server.client().await;
+    // 250 keys, one of them twice and one absent.
+    let mut req = String::from("get");
+    let mut expected = String::new();
+    for i in (0..250).chain([7]) {
+        req.push_str(&format!(" k{i}"));
+        expected.push_str(&format!(
+            "VALUE k{i} {i} {}\r\nv{i}\r\n",
+            format!("v{i}").len()
+        ));
+    }
+    req.push_str(" absent\r\n");
+    expected.push_str("END\r\n");
+    assert_eq!(c.call(req.as_bytes()).await, expected);
+    assert_eq!(
+        proxy.calls("BatchGetItem"),
+        3,
+        "251 distinct keys = 3 calls of at most 100"
+    );
+    assert_eq!(proxy.calls("GetItem"), 0);
+    // Now all cached: no more calls.
+    assert_eq!(c.call(req.as_bytes()).await, expected);
+    assert_eq!(proxy.calls("BatchGetItem"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_older_than_a_write_never_fills_the_cache() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    put_raw(&db, &settings, "k", "old").await;
+    let proxy = FaultProxy::start(&db.endpoint).await;
+    let server = TestServer::start_custom(
+        via(&proxy, &settings),
+        64 * MB,
+        options(Duration::ZERO),
+        None,
+    )
+    .await;
+
+    // The miss's GetItem happens in DynamoDB, but its answer is held back...
+    proxy.hold_get_responses();
+    let mut reader = server.client().await;
+    let read = tokio::spawn(async move { reader.call(b"get k\r\n").await });
+    let deadline = Instant::now() + WAIT;
+    while proxy.held() == 0 {
+        assert!(Instant::now() < deadline, "the GetItem never came back");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // ...while a write of the key completes.
+    let mut writer = server.client().await;
+    assert_eq!(writer.call(b"set k 0 0 3\r\nnew\r\n").await, "STORED\r\n");
+    proxy.release_gets();
+    // The late read may answer what it read (it was concurrent with the write)...
+    let answer = read.await.unwrap();
+    assert!(answer.contains("old") || answer.contains("new"), "{answer}");
+    // ...but it must not have put the old value in the cache.
+    let cached = server
+        .engine
+        .cache()
+        .get(b"k", 0)
+        .expect("the write cached its value");
+    assert_eq!(cached.value(), b"new");
+    assert_eq!(
+        writer.call(b"get k\r\n").await,
+        "VALUE k 0 3\r\nnew\r\nEND\r\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_writes_and_reads_leave_cache_equal_to_table() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let server =
+        TestServer::start_custom(settings.clone(), 64 * MB, options(Duration::ZERO), None).await;
+    let keys = ["a", "b", "c"];
+    let mut tasks = Vec::new();
+    for worker in 0..8u64 {
+        let mut c = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            // A fixed, different pseudo-random sequence per worker.
+            let mut x = worker * 2654435761 + 1;
+            for i in 0..60 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let key = keys[(x % 3) as usize];
+                let req = match (x >> 8) % 4 {
+                    0 => format!("delete {key}\r\n"),
+                    1 | 2 => format!("get {key}\r\n"),
+                    _ => {
+                        let v = format!("w{worker}i{i}");
+                        format!("set {key} 0 0 {}\r\n{v}\r\n", v.len())
+                    }
+                };
+                let reply = c.call(req.as_bytes()).await;
+                assert!(
+                    !reply.starts_with("SERVER_ERROR") && !reply.starts_with("CLIENT_ERROR"),
+                    "{reply}"
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for key in keys {
+        let in_table = table_item(&db.client(), &settings, key)
+            .await
+            .map(|item| item["value"].as_b().unwrap().as_ref().to_vec());
+        if let Some(cached) = server.engine.cache().get(key.as_bytes(), 0) {
+            assert_eq!(
+                Some(cached.value().to_vec()),
+                in_table,
+                "cache and DynamoDB agree on {key}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_answers_promptly_keeps_hits_and_recovers() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let proxy = FaultProxy::start(&db.endpoint).await;
+    let server = TestServer::start_custom(
+        via(&proxy, &settings),
+        64 * MB,
+        options(Duration::ZERO),
+        None,
+    )
+    .await;
+    let mut c = server.client().await;
+    assert_eq!(c.call(b"set cached 0 0 1\r\nx\r\n").await, "STORED\r\n");
+
+    for fault in [Fault::Blackhole, Fault::Reset] {
+        proxy.set_fault(fault);
+        assert_eq!(
+            c.call(b"get cached\r\n").await,
+            "VALUE cached 0 1\r\nx\r\nEND\r\n",
+            "{fault:?}: hits served"
+        );
+        for req in [
+            &b"get other\r\n"[..],
+            b"set other 0 0 1\r\ny\r\n",
+            b"delete other\r\n",
+            b"touch other 5\r\n",
+        ] {
+            let started = Instant::now();
+            let reply = c.call(req).await;
+            let took = started.elapsed();
+            assert!(
+                reply.starts_with("SERVER_ERROR dynamodb"),
+                "{fault:?}: {reply}"
+            );
+            // Bounded by operation_timeout (1 s), with slack for a busy machine.
+            assert!(
+                took < Duration::from_secs(3),
+                "{fault:?}: {req:?} took {took:?}"
+            );
+        }
+        proxy.set_fault(Fault::Pass);
+        // Service comes back by itself.
+        assert_eq!(c.call(b"set other 0 0 1\r\ny\r\n").await, "STORED\r\n");
+        assert_eq!(c.call(b"delete other\r\n").await, "DELETED\r\n");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aged_entries_are_served_during_an_outage() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let proxy = FaultProxy::start(&db.endpoint).await;
+    let age = Duration::from_millis(200);
+    let server =
+        TestServer::start_custom(via(&proxy, &settings), 64 * MB, options(age), None).await;
+    let mut c = server.client().await;
+    assert_eq!(c.call(b"set s 0 0 1\r\nx\r\n").await, "STORED\r\n");
+    tokio::time::sleep(age * 2).await; // let the entry age: time itself is under test
+    proxy.set_fault(Fault::Blackhole);
+    assert_eq!(c.call(b"get s\r\n").await, "VALUE s 0 1\r\nx\r\nEND\r\n");
+    let reply = c.call(b"get s never-cached\r\n").await;
+    assert!(
+        reply.starts_with("SERVER_ERROR"),
+        "a key with no copy still fails: {reply}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_restart_is_survived() {
+    let mut db = DynamoLocal::private().await;
+    let settings = db.new_table().await;
+    let mut fast = settings.clone();
+    fast.operation_timeout = Duration::from_secs(1);
+    fast.max_attempts = 2;
+    let server = TestServer::start(fast).await;
+    let mut c = server.client().await;
+    assert_eq!(c.call(b"set a 0 0 1\r\nx\r\n").await, "STORED\r\n");
+    let port = db.port;
+    db.stop();
+    let reply = c.call(b"get b\r\n").await;
+    assert!(reply.starts_with("SERVER_ERROR"), "{reply}");
+    // DynamoDB Local comes back (empty: it runs in memory) on the same port.
+    let db = DynamoLocal::start_on(port).await;
+    let store = common::connect(settings.clone()).await;
+    store.create_table(&Default::default()).await.unwrap();
+    assert_eq!(c.call(b"set b 0 0 1\r\ny\r\n").await, "STORED\r\n");
+    assert_eq!(c.call(b"get b\r\n").await, "VALUE b 0 1\r\ny\r\nEND\r\n");
+    drop(db);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_through_another_sidecar_are_seen_within_max_local_age() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let bound = Duration::from_millis(500);
+    let a = TestServer::start_custom(settings.clone(), 64 * MB, options(bound), None).await;
+    let b = TestServer::start_custom(settings.clone(), 64 * MB, options(bound), None).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    assert_eq!(ca.call(b"set session 0 0 2\r\nv1\r\n").await, "STORED\r\n");
+    assert_eq!(
+        cb.call(b"get session\r\n").await,
+        "VALUE session 0 2\r\nv1\r\nEND\r\n"
+    );
+
+    // An update through A, then a delete through A (a logout): B sees each
+    // within the bound.
+    for (write, expect) in [
+        (
+            &b"set session 0 0 2\r\nv2\r\n"[..],
+            "VALUE session 0 2\r\nv2\r\nEND\r\n",
+        ),
+        (b"delete session\r\n", "END\r\n"),
+    ] {
+        let written = Instant::now();
+        assert!(ca.call(write).await.ends_with("\r\n"));
+        let deadline = written + WAIT;
+        let seen = loop {
+            if cb.call(b"get session\r\n").await == expect {
+                break written.elapsed();
+            }
+            assert!(Instant::now() < deadline, "B never saw the write");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        println!(
+            "B saw {:?} after {seen:?} (max_local_age {bound:?})",
+            String::from_utf8_lossy(write)
+        );
+        assert!(
+            seen <= bound + Duration::from_millis(300),
+            "seen after {seen:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_writes_in_flight() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let proxy = FaultProxy::start(&db.endpoint).await;
+    proxy.set_delay(Duration::from_millis(500));
+    let server = TestServer::start(via(&proxy, &settings)).await;
+    let mut c = server.client().await;
+    c.send(b"set inflight 0 0 1\r\nx\r\n").await;
+    proxy.wait_calls("PutItem", 1).await;
+    // Shut down while the PutItem is on its way.
+    let stopping = tokio::spawn(server.stop());
+    assert_eq!(c.reply().await, "STORED\r\n");
+    assert!(stopping.await.unwrap(), "drained within the grace period");
+    assert!(
+        table_item(&db.client(), &settings, "inflight")
+            .await
+            .is_some()
+    );
+    assert!(c.closed().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn careless_and_hostile_clients_cost_little() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let server = TestServer::start_custom(
+        settings.clone(),
+        64 * MB,
+        options(Duration::ZERO),
+        Some(Duration::from_millis(500)),
+    )
+    .await;
+
+    // A client gone mid-value stores nothing.
+    let mut gone = server.client().await;
+    gone.send(b"set half 0 0 10\r\nabc").await;
+    drop(gone);
+    // A 4 GB length is refused at once; a 2 GB one is discarded as it comes.
+    let mut c = server.client().await;
+    assert_eq!(
+        c.call(b"set k 0 0 4294967295\r\n").await,
+        "CLIENT_ERROR bad command line format\r\n"
+    );
+    assert_eq!(
+        c.call(b"set k 0 0 2147483645\r\n").await,
+        "SERVER_ERROR object too large for cache\r\n"
+    );
+    c.send(&vec![b'x'; 4 * MB as usize]).await;
+    drop(c);
+    // A line with no end closes that connection only.
+    let mut long = server.client().await;
+    long.send(&vec![b'z'; 4096]).await;
+    assert!(long.closed().await);
+
+    // Slow-loris clients trickling a request do not hold up others.
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut s = server.client().await;
+        s.send(b"get sl").await;
+        slow.push(s);
+    }
+    let mut c = server.client().await;
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(c.call(b"get half\r\n").await, "END\r\n");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(table_item(&db.client(), &settings, "half").await.is_none());
+
+    // Idle connections are closed after idle_timeout; busy ones are not.
+    let mut idle = server.client().await;
+    let started = Instant::now();
+    assert!(idle.closed().await);
+    assert!(started.elapsed() >= Duration::from_millis(450));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_for_a_permit() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let store = common::connect(settings).await;
+    let engine = Arc::new(dynacache::engine::Engine::new(
+        dynacache::cache::ItemCache::new(MB, 1),
+        store,
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let options = dynacache::server::ServeOptions {
+        limits: Default::default(),
+        max_connections: 2,
+        shutdown_grace: Duration::from_secs(1),
+        idle_timeout: None,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn(dynacache::server::serve(
+        listener,
+        engine,
+        options,
+        shutdown.clone(),
+    ));
+    let mut first = McClient::connect(addr).await;
+    let mut second = McClient::connect(addr).await;
+    assert!(first.call(b"version\r\n").await.starts_with("VERSION"));
+    assert!(second.call(b"version\r\n").await.starts_with("VERSION"));
+    // The third waits in the kernel's backlog: no answer while two are open...
+    let mut third = McClient::connect(addr).await;
+    third.send(b"version\r\n").await;
+    let early = tokio::time::timeout(Duration::from_millis(300), third.reply()).await;
+    assert!(early.is_err(), "served beyond max_connections");
+    // ...and is served as soon as one closes.
+    drop(first);
+    assert!(third.reply().await.starts_with("VERSION"));
+    shutdown.cancel();
+    serving.await.unwrap();
+}
