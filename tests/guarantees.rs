@@ -264,6 +264,26 @@ async fn outage_answers_promptly_keeps_hits_and_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_is_retried_then_reported() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let proxy = FaultProxy::start(&db.endpoint).await;
+    let mut settings = via(&proxy, &settings);
+    settings.max_attempts = 3;
+    settings.operation_timeout = Duration::from_secs(10);
+    let server = TestServer::start(settings).await;
+    let mut c = server.client().await;
+    proxy.set_fault(Fault::Throttle);
+    let reply = c.call(b"set t 0 0 1\r\nx\r\n").await;
+    assert_eq!(reply, "SERVER_ERROR dynamodb throttled the request\r\n");
+    assert_eq!(proxy.calls("PutItem"), 3, "every attempt was made");
+    assert!(server.engine.cache().get(b"t", 0).is_none());
+    proxy.set_fault(Fault::Pass);
+    assert_eq!(c.call(b"set t 0 0 1\r\nx\r\n").await, "STORED\r\n");
+    assert_eq!(proxy.calls("PutItem"), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aged_entries_are_served_during_an_outage() {
     let db = DynamoLocal::shared().await;
     let settings = db.new_table().await;

@@ -22,7 +22,11 @@ pub enum Fault {
     Blackhole = 1,
     /// Reset new connections at once (RST), close open ones on their next request.
     Reset = 2,
+    /// Answer every request with DynamoDB's ThrottlingException (HTTP 400).
+    Throttle = 3,
 }
+
+const THROTTLED: &str = "{\"__type\":\"com.amazonaws.dynamodb.v20120810#ThrottlingException\",\"message\":\"Rate of requests exceeds the allowed throughput.\"}";
 
 struct Shared {
     upstream: SocketAddr,
@@ -134,6 +138,7 @@ fn fault(shared: &Shared) -> Fault {
     match shared.fault.load(Ordering::SeqCst) {
         1 => Fault::Blackhole,
         2 => Fault::Reset,
+        3 => Fault::Throttle,
         _ => Fault::Pass,
     }
 }
@@ -148,7 +153,10 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let (mut client_rd, mut client_wr) = client.into_split();
+    let (mut client_rd, client_wr) = client.into_split();
+    // Both directions may write to the client: upstream's responses, or
+    // the proxy's own canned ones.
+    let client_wr = Arc::new(tokio::sync::Mutex::new(client_wr));
     let (mut up_rd, mut up_wr) = upstream.into_split();
     // Set by the request side when the request in flight is a GetItem.
     let last_was_get = Arc::new(AtomicBool::new(false));
@@ -156,6 +164,7 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
     let requests = {
         let shared = shared.clone();
         let last_was_get = last_was_get.clone();
+        let client_wr = client_wr.clone();
         async move {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
@@ -163,12 +172,32 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
+                let op = operation(&buf[..n]);
                 match fault(&shared) {
                     Fault::Blackhole => continue,
                     Fault::Reset => return,
+                    Fault::Throttle => {
+                        if let Some(op) = op {
+                            *shared.calls.lock().unwrap().entry(op).or_default() += 1;
+                            let response = format!(
+                                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/x-amz-json-1.0\r\ncontent-length: {}\r\n\r\n{THROTTLED}",
+                                THROTTLED.len()
+                            );
+                            if client_wr
+                                .lock()
+                                .await
+                                .write_all(response.as_bytes())
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
                     Fault::Pass => {}
                 }
-                if let Some(op) = operation(&buf[..n]) {
+                if let Some(op) = op {
                     last_was_get.store(op == "GetItem", Ordering::SeqCst);
                     *shared.calls.lock().unwrap().entry(op).or_default() += 1;
                 }
@@ -201,7 +230,7 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
                     }
                     shared.held.fetch_sub(1, Ordering::SeqCst);
                 }
-                if client_wr.write_all(&buf[..n]).await.is_err() {
+                if client_wr.lock().await.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
             }
