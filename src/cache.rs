@@ -184,6 +184,15 @@ impl ItemCache {
         }
     }
 
+    /// Drops every entry (`flush_all`).
+    pub fn clear(&self) {
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            let limit = shard.limit;
+            *shard = Shard::new(limit);
+        }
+    }
+
     /// Changes the byte budget, evicting at once what no longer fits.
     pub fn set_limit(&self, limit_bytes: u64) {
         self.limit_bytes.store(limit_bytes, Ordering::Relaxed);

@@ -38,6 +38,8 @@ pub struct Config {
     pub max_local_age: Duration,
     /// If that re-read fails (DynamoDB down), serve the older copy rather than an error.
     pub stale_on_error: bool,
+    /// Whether `flush_all` is honoured (fleet-wide) or refused with an error.
+    pub flush_enabled: bool,
     /// Close a connection idle this long; 0 = never (memcached's default).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
@@ -67,6 +69,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             max_local_age: Duration::from_secs(2),
             stale_on_error: true,
+            flush_enabled: true,
             idle_timeout: Duration::ZERO,
             log_format: LogFormat::Text,
             dynamodb: DynamoSettings::default(),

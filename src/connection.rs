@@ -96,6 +96,7 @@ where
         }
         if !wbuf.is_empty() {
             stream.write_all(&wbuf).await?;
+            engine.count_io(0, wbuf.len());
             wbuf.clear();
         }
         if rbuf.capacity() - rbuf.len() < READ_CHUNK {
@@ -116,5 +117,6 @@ where
         if read == 0 {
             return Ok(());
         }
+        engine.count_io(read, 0);
     }
 }

@@ -184,8 +184,14 @@ async fn serve(config: Config) -> Result<(), String> {
     let engine_options = EngineOptions {
         max_local_age: config.max_local_age,
         stale_on_error: config.stale_on_error,
+        flush_enabled: config.flush_enabled,
+        settings_report: settings_report(&config),
     };
     let engine = Arc::new(Engine::with_options(cache, store, engine_options));
+    // A flush_all made before this process started still hides old items.
+    if let Err(e) = engine.refresh_flush_marker().await {
+        tracing::warn!(error = %e, "cannot read the flush_all marker yet; retrying in the background");
+    }
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -194,6 +200,9 @@ async fn serve(config: Config) -> Result<(), String> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(publish_cache_metrics(engine.clone(), shutdown.clone()));
+    let upkeep = engine.clone();
+    let upkeep_shutdown = shutdown.clone();
+    tokio::spawn(async move { upkeep.run_upkeep(upkeep_shutdown).await });
     tokio::spawn(wait_for_signal(shutdown.clone()));
     let options = ServeOptions {
         limits,
@@ -207,6 +216,32 @@ async fn serve(config: Config) -> Result<(), String> {
         tracing::warn!(grace = ?config.shutdown_grace, "stopped with requests still in flight after the grace period");
     }
     Ok(())
+}
+
+/// `stats settings` lines, named as memcached names them where it has them.
+fn settings_report(config: &Config) -> Vec<(&'static str, String)> {
+    vec![
+        ("maxconns", config.max_connections.to_string()),
+        ("tcpport", config.listen.port().to_string()),
+        ("inter", config.listen.ip().to_string()),
+        ("item_size_max", config.item_size_max.as_u64().to_string()),
+        ("idle_timeout", config.idle_timeout.as_secs().to_string()),
+        (
+            "num_threads",
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .to_string(),
+        ),
+        (
+            "max_local_age",
+            humantime::format_duration(config.max_local_age).to_string(),
+        ),
+        ("dynamodb_table", config.dynamodb.table.clone()),
+        (
+            "consistent_reads",
+            config.dynamodb.consistent_reads.to_string(),
+        ),
+    ]
 }
 
 async fn wait_for_signal(shutdown: CancellationToken) {

@@ -150,7 +150,29 @@ impl Outcome {
 /// Command names that label `dynacache_commands_total`; "invalid" counts
 /// requests that did not parse.
 pub const COMMAND_NAMES: &[&str] = &[
-    "get", "gets", "set", "add", "delete", "touch", "version", "quit", "invalid",
+    "get",
+    "gets",
+    "gat",
+    "gats",
+    "set",
+    "add",
+    "replace",
+    "append",
+    "prepend",
+    "cas",
+    "delete",
+    "touch",
+    "incr",
+    "decr",
+    "flush_all",
+    "stats",
+    "verbosity",
+    "cache_memlimit",
+    "shutdown",
+    "mn",
+    "version",
+    "quit",
+    "invalid",
 ];
 
 /// Handles for what the request path counts, registered on first use so

@@ -60,13 +60,11 @@ pub async fn serve<S: Store>(
         let options = options.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            let metrics = engine.metrics();
-            metrics.connections.increment(1.0);
-            metrics.connections_total.increment(1);
+            engine.connection_opened();
             if let Err(e) = connection::serve(stream, &engine, &options, &shutdown).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-            metrics.connections.decrement(1.0);
+            engine.connection_closed();
             drop(permit);
         });
     }

@@ -9,7 +9,7 @@ pub mod command;
 pub mod parse;
 pub mod reply;
 
-pub use command::{Command, Keys, StoreMode};
+pub use command::{Command, Keys, StatsGroup, StoreMode};
 pub use parse::{Limits, Parsed, parse};
 pub use reply::Reply;
 

@@ -16,7 +16,7 @@ use nom::bytes::streaming::{tag, take, take_until};
 use nom::{IResult, Parser};
 
 use super::KEY_MAX_LEN;
-use super::command::{Command, Keys, StoreMode};
+use super::command::{Command, Keys, StatsGroup, StoreMode};
 use super::reply::Reply;
 
 /// Bounds that keep a connection's memory small whatever a client sends.
@@ -83,6 +83,7 @@ pub enum Parsed<'a> {
 const BAD_FORMAT: Reply<'static> = Reply::ClientError("bad command line format");
 const BAD_CHUNK: Reply<'static> = Reply::ClientError("bad data chunk");
 const BAD_EXPTIME: Reply<'static> = Reply::ClientError("invalid exptime argument");
+const BAD_DELTA: Reply<'static> = Reply::ClientError("invalid numeric delta argument");
 const DELETE_USAGE: Reply<'static> =
     Reply::ClientError("bad command line format.  Usage: delete <key> [noreply]");
 
@@ -119,41 +120,58 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<'a> {
         return invalid(Reply::Error, line_len, false);
     };
     match name {
-        b"get" | b"gets" => {
-            let keys = tokens.rest();
-            let mut any = false;
-            for key in Keys(keys).iter() {
-                if key.len() > KEY_MAX_LEN {
-                    return invalid(BAD_FORMAT, line_len, false);
-                }
-                any = true;
-            }
-            if !any {
+        b"get" | b"gets" => retrieval(name == b"gets", None, tokens.rest(), line_len),
+        b"gat" | b"gats" => {
+            let Some(exptime) = tokens.next() else {
                 return invalid(Reply::Error, line_len, false);
-            }
-            let cas = name == b"gets";
-            Parsed::Request(
-                Command::Get {
-                    keys: Keys(keys),
-                    cas,
-                },
-                line_len,
-            )
-        }
-        b"set" | b"add" => {
-            let mode = if name == b"set" {
-                StoreMode::Set
-            } else {
-                StoreMode::Add
             };
-            storage(mode, tokens, after_line, line_len, limits)
+            let Some(exptime) = number::<i64>(exptime) else {
+                return invalid(BAD_EXPTIME, line_len, false);
+            };
+            retrieval(name == b"gats", Some(exptime), tokens.rest(), line_len)
         }
+        b"set" => storage(StoreMode::Set, tokens, after_line, line_len, limits),
+        b"add" => storage(StoreMode::Add, tokens, after_line, line_len, limits),
+        b"replace" => storage(StoreMode::Replace, tokens, after_line, line_len, limits),
+        b"append" => storage(StoreMode::Append, tokens, after_line, line_len, limits),
+        b"prepend" => storage(StoreMode::Prepend, tokens, after_line, line_len, limits),
+        b"cas" => storage(StoreMode::Cas(0), tokens, after_line, line_len, limits),
         b"delete" => delete(tokens, line_len),
         b"touch" => touch(tokens, line_len),
+        b"incr" | b"decr" => arith(name == b"incr", tokens, line_len),
+        b"flush_all" => flush_all(tokens, line_len),
+        b"stats" => stats(tokens, line_len),
+        b"verbosity" => verbosity(tokens, line_len),
+        b"cache_memlimit" => cache_memlimit(tokens, line_len),
+        b"shutdown" => Parsed::Request(Command::Shutdown, line_len),
+        b"mn" => Parsed::Request(Command::MetaNoop, line_len),
         b"version" => Parsed::Request(Command::Version, line_len),
         b"quit" => Parsed::Request(Command::Quit, line_len),
         _ => invalid(Reply::Error, line_len, false),
     }
+}
+
+/// `get|gets|gat|gats`: the keys are the rest of the line.
+fn retrieval(cas: bool, touch: Option<i64>, keys: &[u8], line_len: usize) -> Parsed<'_> {
+    let mut any = false;
+    for key in Keys(keys).iter() {
+        if key.len() > KEY_MAX_LEN {
+            return invalid(BAD_FORMAT, line_len, false);
+        }
+        any = true;
+    }
+    // memcached: `get` alone is an error; `gat <exptime>` alone is an empty answer.
+    if !any && touch.is_none() {
+        return invalid(Reply::Error, line_len, false);
+    }
+    Parsed::Request(
+        Command::Get {
+            keys: Keys(keys),
+            cas,
+            touch,
+        },
+        line_len,
+    )
 }
 
 /// No newline yet: wait for more, unless the line is already too long.
@@ -187,11 +205,17 @@ fn storage<'a>(
 ) -> Parsed<'a> {
     let mut args = [&b""[..]; MAX_TOKENS];
     let n = tokens.collect_into(&mut args);
-    // memcached: 4 arguments, or 5 where a fifth that is not "noreply" is ignored.
-    if n != 4 && n != 5 {
+    // memcached: 4 arguments (5 for cas), and one more that is ignored
+    // unless it is "noreply".
+    let base = if matches!(mode, StoreMode::Cas(_)) {
+        5
+    } else {
+        4
+    };
+    if n != base && n != base + 1 {
         return invalid(Reply::Error, line_len, false);
     }
-    let noreply = n == 5 && args[4] == b"noreply";
+    let noreply = n == base + 1 && args[base] == b"noreply";
     let key = args[0];
     if key.len() > KEY_MAX_LEN {
         return invalid(BAD_FORMAT, line_len, noreply);
@@ -202,6 +226,13 @@ fn storage<'a>(
         number::<i64>(args[3]),
     ) else {
         return invalid(BAD_FORMAT, line_len, noreply);
+    };
+    let mode = match mode {
+        StoreMode::Cas(_) => match number::<u64>(args[4]) {
+            Some(unique) => StoreMode::Cas(unique),
+            None => return invalid(BAD_FORMAT, line_len, noreply),
+        },
+        other => other,
     };
     // memcached keeps `<bytes> + 2` in an int.
     if !(0..=i64::from(i32::MAX) - 2).contains(&len) {
@@ -280,6 +311,111 @@ fn touch<'a>(tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
         },
         line_len,
     )
+}
+
+/// `incr|decr <key> <delta> [noreply]`.
+fn arith<'a>(incr: bool, tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
+    let mut args = [&b""[..]; MAX_TOKENS];
+    let n = tokens.collect_into(&mut args);
+    if n != 2 && n != 3 {
+        return invalid(Reply::Error, line_len, false);
+    }
+    let noreply = n == 3 && args[2] == b"noreply";
+    let key = args[0];
+    if key.len() > KEY_MAX_LEN {
+        return invalid(BAD_FORMAT, line_len, noreply);
+    }
+    let Some(delta) = number::<u64>(args[1]) else {
+        return invalid(BAD_DELTA, line_len, noreply);
+    };
+    Parsed::Request(
+        Command::Arith {
+            incr,
+            key,
+            delta,
+            noreply,
+        },
+        line_len,
+    )
+}
+
+/// `flush_all [delay] [noreply]`.
+fn flush_all<'a>(tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
+    let mut args = [&b""[..]; MAX_TOKENS];
+    let n = tokens.collect_into(&mut args);
+    if n > 2 {
+        return invalid(Reply::Error, line_len, false);
+    }
+    let noreply = n > 0 && args[n - 1] == b"noreply";
+    let delay = match (n, noreply) {
+        (0, _) | (1, true) => 0,
+        _ => match number::<i64>(args[0]) {
+            Some(delay) => delay,
+            None => return invalid(BAD_EXPTIME, line_len, noreply),
+        },
+    };
+    Parsed::Request(Command::FlushAll { delay, noreply }, line_len)
+}
+
+/// `stats [group ...]`; memcached answers `ERROR` to groups it does not know.
+fn stats<'a>(mut tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
+    let group = match tokens.next() {
+        None => StatsGroup::General,
+        Some(b"settings") => StatsGroup::Settings,
+        Some(b"items") => StatsGroup::Items,
+        Some(b"slabs") => StatsGroup::Slabs,
+        Some(b"sizes") => StatsGroup::Sizes,
+        Some(b"conns") => StatsGroup::Conns,
+        Some(b"reset") => StatsGroup::Reset,
+        Some(b"detail") => match tokens.next() {
+            Some(b"dump") => StatsGroup::Detail { dump: true },
+            Some(b"on" | b"off") => StatsGroup::Detail { dump: false },
+            _ => {
+                return invalid(
+                    Reply::ClientError("usage: stats detail on|off|dump"),
+                    line_len,
+                    false,
+                );
+            }
+        },
+        Some(b"cachedump") => StatsGroup::Cachedump,
+        Some(_) => return invalid(Reply::Error, line_len, false),
+    };
+    Parsed::Request(Command::Stats(group), line_len)
+}
+
+/// `verbosity <level> [noreply]`.
+fn verbosity<'a>(tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
+    let mut args = [&b""[..]; MAX_TOKENS];
+    let n = tokens.collect_into(&mut args);
+    if n != 1 && n != 2 {
+        return invalid(Reply::Error, line_len, false);
+    }
+    let noreply = args[n - 1] == b"noreply";
+    if number::<u32>(args[0]).is_none() {
+        return invalid(BAD_FORMAT, line_len, noreply);
+    }
+    Parsed::Request(Command::Verbosity { noreply }, line_len)
+}
+
+/// `cache_memlimit <megabytes> [noreply]`.
+fn cache_memlimit<'a>(tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
+    let mut args = [&b""[..]; MAX_TOKENS];
+    let n = tokens.collect_into(&mut args);
+    if n != 1 && n != 2 {
+        return invalid(Reply::Error, line_len, false);
+    }
+    let noreply = n == 2 && args[1] == b"noreply";
+    match number::<u32>(args[0]) {
+        Some(mb) => Parsed::Request(
+            Command::CacheMemlimit {
+                megabytes: u64::from(mb),
+                noreply,
+            },
+            line_len,
+        ),
+        None => invalid(Reply::Error, line_len, noreply),
+    }
 }
 
 /// A decimal number as `strtol`/`strtoul` read it: optional sign, digits,
@@ -361,7 +497,14 @@ mod tests {
             vec![b"a".to_vec(), b"bb".to_vec(), b"ccc".to_vec()]
         );
         match p(buf) {
-            Parsed::Request(Command::Get { cas: false, .. }, len) => assert_eq!(len, buf.len()),
+            Parsed::Request(
+                Command::Get {
+                    cas: false,
+                    touch: None,
+                    ..
+                },
+                len,
+            ) => assert_eq!(len, buf.len()),
             other => panic!("{other:?}"),
         }
     }
@@ -369,7 +512,14 @@ mod tests {
     #[test]
     fn gets_and_bare_newline() {
         match p(b"gets k\nrest") {
-            Parsed::Request(Command::Get { cas: true, keys }, 7) => {
+            Parsed::Request(
+                Command::Get {
+                    cas: true,
+                    keys,
+                    touch: None,
+                },
+                7,
+            ) => {
                 assert_eq!(keys.iter().collect::<Vec<_>>(), vec![&b"k"[..]])
             }
             other => panic!("{other:?}"),
@@ -602,5 +752,132 @@ mod tests {
         let huge = [b"get ".as_slice(), &vec![b'a'; 300 * 1024]].concat();
         assert_eq!(p(&huge), Parsed::LineTooLong);
         assert_eq!(p(&junk[..2048]), Parsed::Incomplete);
+    }
+
+    #[test]
+    fn cas_needs_its_unique() {
+        assert!(matches!(
+            p(b"cas k 1 2 1 99 noreply\r\nx\r\n"),
+            Parsed::Request(
+                Command::Store {
+                    mode: StoreMode::Cas(99),
+                    noreply: true,
+                    ..
+                },
+                27
+            )
+        ));
+        // Without the unique, the line is an unknown form; the data line follows as a command.
+        assert_eq!(p(b"cas k 0 0 1\r\ny\r\n"), invalid(Reply::Error, 13, false));
+        assert_eq!(p(b"cas k 0 0 1 abc\r\n"), invalid(BAD_FORMAT, 17, false));
+        assert_eq!(p(b"cas k 0 0 1 -1\r\n"), invalid(BAD_FORMAT, 16, false));
+    }
+
+    #[test]
+    fn gat_forms() {
+        match p(b"gats 10 a b\r\n") {
+            Parsed::Request(
+                Command::Get {
+                    keys,
+                    cas: true,
+                    touch: Some(10),
+                },
+                13,
+            ) => {
+                assert_eq!(keys.iter().count(), 2)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            p(b"gat 10\r\n"),
+            Parsed::Request(
+                Command::Get {
+                    touch: Some(10),
+                    ..
+                },
+                8
+            )
+        ));
+        assert_eq!(p(b"gat\r\n"), invalid(Reply::Error, 5, false));
+        assert_eq!(p(b"gat x k\r\n"), invalid(BAD_EXPTIME, 9, false));
+    }
+
+    #[test]
+    fn arith_forms() {
+        assert_eq!(
+            p(b"incr n 18446744073709551615 noreply\r\n"),
+            Parsed::Request(
+                Command::Arith {
+                    incr: true,
+                    key: b"n",
+                    delta: u64::MAX,
+                    noreply: true
+                },
+                37
+            )
+        );
+        assert_eq!(
+            p(b"decr n 18446744073709551616\r\n"),
+            invalid(BAD_DELTA, 29, false)
+        );
+        assert_eq!(p(b"incr n -1\r\n"), invalid(BAD_DELTA, 11, false));
+        assert_eq!(p(b"incr n\r\n"), invalid(Reply::Error, 8, false));
+    }
+
+    #[test]
+    fn flush_all_forms() {
+        let flush = |delay, noreply| Command::FlushAll { delay, noreply };
+        assert_eq!(p(b"flush_all\r\n"), Parsed::Request(flush(0, false), 11));
+        assert_eq!(
+            p(b"flush_all noreply\r\n"),
+            Parsed::Request(flush(0, true), 19)
+        );
+        assert_eq!(
+            p(b"flush_all 10 noreply\r\n"),
+            Parsed::Request(flush(10, true), 22)
+        );
+        assert_eq!(
+            p(b"flush_all -1\r\n"),
+            Parsed::Request(flush(-1, false), 14)
+        );
+        assert_eq!(p(b"flush_all abc\r\n"), invalid(BAD_EXPTIME, 15, false));
+        assert_eq!(p(b"flush_all 1 2 3\r\n"), invalid(Reply::Error, 17, false));
+    }
+
+    #[test]
+    fn stats_and_operator_forms() {
+        assert_eq!(
+            p(b"stats\r\n"),
+            Parsed::Request(Command::Stats(StatsGroup::General), 7)
+        );
+        assert_eq!(
+            p(b"stats settings x\r\n"),
+            Parsed::Request(Command::Stats(StatsGroup::Settings), 18)
+        );
+        assert_eq!(
+            p(b"stats detail dump\r\n"),
+            Parsed::Request(Command::Stats(StatsGroup::Detail { dump: true }), 19)
+        );
+        assert_eq!(p(b"stats bogus\r\n"), invalid(Reply::Error, 13, false));
+        assert_eq!(p(b"verbosity\r\n"), invalid(Reply::Error, 11, false));
+        assert_eq!(p(b"verbosity a\r\n"), invalid(BAD_FORMAT, 13, false));
+        assert_eq!(
+            p(b"verbosity 1 noreply\r\n"),
+            Parsed::Request(Command::Verbosity { noreply: true }, 21)
+        );
+        assert_eq!(
+            p(b"cache_memlimit abc\r\n"),
+            invalid(Reply::Error, 20, false)
+        );
+        assert_eq!(
+            p(b"cache_memlimit 64\r\n"),
+            Parsed::Request(
+                Command::CacheMemlimit {
+                    megabytes: 64,
+                    noreply: false
+                },
+                19
+            )
+        );
     }
 }

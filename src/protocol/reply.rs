@@ -18,9 +18,21 @@ pub enum Reply<'a> {
     End,
     Stored,
     NotStored,
+    /// `EXISTS`: a `cas` whose unique no longer matches.
+    Exists,
     NotFound,
     Deleted,
     Touched,
+    /// `OK` (flush_all, verbosity, cache_memlimit).
+    Ok,
+    /// `RESET` (stats reset).
+    Reset,
+    /// The new value of an `incr`/`decr`.
+    Number(u64),
+    /// `STAT <name> <value>`.
+    Stat(&'a str, &'a str),
+    /// Any other fixed line, sent as is (e.g. `MN`).
+    Line(&'a str),
     /// `VERSION <v>`.
     Version(&'a str),
     /// `ERROR`: unknown command or wrong number of tokens.
@@ -60,6 +72,19 @@ impl Reply<'_> {
             Reply::End => out.put_slice(b"END\r\n"),
             Reply::Stored => out.put_slice(b"STORED\r\n"),
             Reply::NotStored => out.put_slice(b"NOT_STORED\r\n"),
+            Reply::Exists => out.put_slice(b"EXISTS\r\n"),
+            Reply::Ok => out.put_slice(b"OK\r\n"),
+            Reply::Reset => out.put_slice(b"RESET\r\n"),
+            Reply::Number(n) => {
+                out.put_slice(itoa::Buffer::new().format(*n).as_bytes());
+                out.put_slice(b"\r\n");
+            }
+            Reply::Stat(name, value) => {
+                out.put_slice(b"STAT ");
+                out.put_slice(name.as_bytes());
+                line(out, b" ", value);
+            }
+            Reply::Line(text) => line(out, b"", text),
             Reply::NotFound => out.put_slice(b"NOT_FOUND\r\n"),
             Reply::Deleted => out.put_slice(b"DELETED\r\n"),
             Reply::Touched => out.put_slice(b"TOUCHED\r\n"),
@@ -119,6 +144,15 @@ mod tests {
         assert_eq!(bytes(Reply::End), b"END\r\n");
         assert_eq!(bytes(Reply::Error), b"ERROR\r\n");
         assert_eq!(bytes(Reply::Version("1.6.18")), b"VERSION 1.6.18\r\n");
+        assert_eq!(bytes(Reply::Exists), b"EXISTS\r\n");
+        assert_eq!(bytes(Reply::Ok), b"OK\r\n");
+        assert_eq!(bytes(Reply::Reset), b"RESET\r\n");
+        assert_eq!(
+            bytes(Reply::Number(18446744073709551615)),
+            b"18446744073709551615\r\n"
+        );
+        assert_eq!(bytes(Reply::Stat("pid", "42")), b"STAT pid 42\r\n");
+        assert_eq!(bytes(Reply::Line("MN")), b"MN\r\n");
     }
 
     #[test]

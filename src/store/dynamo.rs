@@ -15,12 +15,12 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkErro
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType as DynamoKeyType,
-    KeysAndAttributes, ProvisionedThroughput, ReturnValue, ScalarAttributeType,
-    TimeToLiveSpecification,
+    KeysAndAttributes, ProvisionedThroughput, ReturnValue, ReturnValuesOnConditionCheckFailure,
+    ScalarAttributeType, TimeToLiveSpecification,
 };
 use serde::{Deserialize, Serialize};
 
-use super::{PutCondition, Store, StoreError, StoredItem};
+use super::{PutCondition, PutResult, Store, StoreError, StoredItem, View};
 
 /// The type of the table's partition key attribute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,14 +220,37 @@ impl DynamoStore {
     fn live_item(
         &self,
         attrs: Option<&HashMap<String, AttributeValue>>,
-        now: u32,
+        view: View,
     ) -> Result<Option<StoredItem>, StoreError> {
         match attrs {
             Some(attrs) if !attrs.is_empty() => {
                 let item = self.item_from(attrs)?;
-                Ok((!item.is_expired(now)).then_some(item))
+                Ok(item.is_live(view).then_some(item))
             }
             _ => Ok(None),
+        }
+    }
+
+    /// The condition under which the key holds a live item, and its values.
+    fn live_condition(view: View) -> (String, Vec<(&'static str, AttributeValue)>) {
+        let mut expr =
+            String::from("attribute_exists(#k) AND (attribute_not_exists(#e) OR #e > :now)");
+        let mut values = vec![(":now", AttributeValue::N(view.now.to_string()))];
+        if view.flushed_before > 0 {
+            expr.push_str(" AND #r >= :flushed");
+            values.push((
+                ":flushed",
+                AttributeValue::N(view.flushed_before.to_string()),
+            ));
+        }
+        (expr, values)
+    }
+
+    /// The marker item's key: a space, which no memcached key can hold.
+    fn flush_marker_key(&self) -> AttributeValue {
+        match self.settings.key_type {
+            KeyType::S => AttributeValue::S(FLUSH_MARKER_KEY.into()),
+            KeyType::B => AttributeValue::B(Blob::new(FLUSH_MARKER_KEY)),
         }
     }
 
@@ -319,6 +342,9 @@ impl DynamoStore {
 
 /// BatchGetItem's limit of keys per call.
 const BATCH_GET_MAX: usize = 100;
+
+/// The key of the item recording the last `flush_all`.
+const FLUSH_MARKER_KEY: &str = "dynacache flush_all";
 
 const NOT_UTF8: &str = "key is not valid UTF-8, which the table's S key attribute requires";
 
@@ -412,7 +438,7 @@ impl Store for DynamoStore {
             + 3 * 21
     }
 
-    async fn get(&self, key: &[u8], now: u32) -> Result<Option<StoredItem>, StoreError> {
+    async fn get(&self, key: &[u8], view: View) -> Result<Option<StoredItem>, StoreError> {
         let started = Instant::now();
         let result = Box::pin(
             self.client
@@ -426,7 +452,7 @@ impl Store for DynamoStore {
         match result {
             Ok(out) => {
                 observe("GetItem", started, "ok");
-                self.live_item(out.item(), now)
+                self.live_item(out.item(), view)
             }
             Err(e) => {
                 let err = classify(e);
@@ -439,7 +465,7 @@ impl Store for DynamoStore {
     async fn get_many(
         &self,
         keys: &[&[u8]],
-        now: u32,
+        view: View,
     ) -> Result<Vec<Option<StoredItem>>, StoreError> {
         let s = &self.settings;
         let index: HashMap<&[u8], usize> = keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
@@ -493,7 +519,7 @@ impl Store for DynamoStore {
                         _ => return Err(bad_attr(&s.key_attribute)),
                     };
                     if let Some(&i) = index.get(key) {
-                        items[i] = self.live_item(Some(attrs), now)?;
+                        items[i] = self.live_item(Some(attrs), view)?;
                     }
                 }
                 pending = out
@@ -519,7 +545,8 @@ impl Store for DynamoStore {
         key: &[u8],
         item: &StoredItem,
         condition: PutCondition,
-    ) -> Result<bool, StoreError> {
+        view: View,
+    ) -> Result<PutResult, StoreError> {
         let s = &self.settings;
         let mut req = self
             .client
@@ -544,26 +571,49 @@ impl Store for DynamoStore {
                 AttributeValue::N(item.expires_at.to_string()),
             );
         }
-        if let PutCondition::Absent { now } = condition {
-            // Absent, or present but expired and not yet swept by TTL.
-            let expr = "attribute_not_exists(#k) OR #e <= :now";
+        let (live, mut values) = Self::live_condition(view);
+        let expr = match condition {
+            PutCondition::Always => None,
+            // Absent, or present but expired (not yet swept by TTL) or flushed.
+            PutCondition::Absent => Some(format!("NOT ({live})")),
+            PutCondition::Live => Some(live),
+            PutCondition::Version(v) => {
+                values.push((":ver", AttributeValue::N(v.to_string())));
+                Some(format!("#r = :ver AND {live}"))
+            }
+        };
+        if let Some(expr) = &expr {
             req = req
                 .condition_expression(expr)
                 .set_expression_attribute_names(Some(self.names_for(expr)))
-                .expression_attribute_values(":now", AttributeValue::N(now.to_string()));
+                .return_values_on_condition_check_failure(
+                    ReturnValuesOnConditionCheckFailure::AllOld,
+                );
+            for (name, value) in values {
+                req = req.expression_attribute_values(name, value);
+            }
         }
         let started = Instant::now();
         match Box::pin(req.send()).await {
             Ok(_) => {
                 observe("PutItem", started, "ok");
-                Ok(true)
+                Ok(PutResult::Stored)
             }
             Err(e)
                 if e.as_service_error()
                     .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
             {
                 observe("PutItem", started, "conditional_failed");
-                Ok(false)
+                // The item as it was when the condition failed, at no read cost.
+                let old = e.as_service_error().and_then(|e| match e {
+                    aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(c) => {
+                        c.item().cloned()
+                    }
+                    _ => None,
+                });
+                Ok(PutResult::Failed {
+                    current: self.live_item(old.as_ref(), view)?,
+                })
             }
             Err(e) => {
                 let err = classify(e);
@@ -573,7 +623,7 @@ impl Store for DynamoStore {
         }
     }
 
-    async fn delete(&self, key: &[u8], now: u32) -> Result<bool, StoreError> {
+    async fn delete(&self, key: &[u8], view: View) -> Result<bool, StoreError> {
         let started = Instant::now();
         let result = Box::pin(
             self.client
@@ -587,7 +637,7 @@ impl Store for DynamoStore {
         match result {
             Ok(out) => {
                 observe("DeleteItem", started, "ok");
-                Ok(self.live_item(out.attributes(), now)?.is_some())
+                Ok(self.live_item(out.attributes(), view)?.is_some())
             }
             Err(e) => {
                 let err = classify(e);
@@ -601,24 +651,26 @@ impl Store for DynamoStore {
         &self,
         key: &[u8],
         expires_at: u32,
-        now: u32,
+        view: View,
     ) -> Result<Option<StoredItem>, StoreError> {
         let update = if expires_at == 0 {
             "REMOVE #e"
         } else {
             "SET #e = :exp"
         };
-        let condition = "attribute_exists(#k) AND (attribute_not_exists(#e) OR #e > :now)";
+        let (condition, values) = Self::live_condition(view);
         let mut req = self
             .client
             .update_item()
             .table_name(&self.settings.table)
             .key(&self.settings.key_attribute, self.key_value(key)?)
             .update_expression(update)
-            .condition_expression(condition)
+            .condition_expression(&condition)
             .set_expression_attribute_names(Some(self.names_for(&format!("{update} {condition}"))))
-            .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
             .return_values(ReturnValue::AllNew);
+        for (name, value) in values {
+            req = req.expression_attribute_values(name, value);
+        }
         if expires_at != 0 {
             req =
                 req.expression_attribute_values(":exp", AttributeValue::N(expires_at.to_string()));
@@ -643,6 +695,70 @@ impl Store for DynamoStore {
             Err(e) => {
                 let err = classify(e);
                 observe("UpdateItem", started, outcome_of(&err));
+                Err(err)
+            }
+        }
+    }
+
+    async fn flush_marker(&self) -> Result<u64, StoreError> {
+        let started = Instant::now();
+        let sent = self
+            .client
+            .get_item()
+            .table_name(&self.settings.table)
+            .key(&self.settings.key_attribute, self.flush_marker_key())
+            .consistent_read(true)
+            .send();
+        match Box::pin(sent).await {
+            Ok(out) => {
+                observe("GetItem", started, "ok");
+                match out.item() {
+                    Some(attrs) => {
+                        Ok(number(attrs, &self.settings.version_attribute)?.unwrap_or(0))
+                    }
+                    None => Ok(0),
+                }
+            }
+            Err(e) => {
+                let err = classify(e);
+                observe("GetItem", started, outcome_of(&err));
+                Err(err)
+            }
+        }
+    }
+
+    async fn set_flush_marker(&self, flushed_before: u64) -> Result<(), StoreError> {
+        // Only forward: of two racing flushes, the later time stays.
+        let expr = "attribute_not_exists(#r) OR #r < :flushed";
+        let sent = self
+            .client
+            .put_item()
+            .table_name(&self.settings.table)
+            .item(&self.settings.key_attribute, self.flush_marker_key())
+            .item(
+                &self.settings.version_attribute,
+                AttributeValue::N(flushed_before.to_string()),
+            )
+            .condition_expression(expr)
+            .set_expression_attribute_names(Some(self.names_for(expr)))
+            .expression_attribute_values(":flushed", AttributeValue::N(flushed_before.to_string()))
+            .send();
+        let started = Instant::now();
+        match Box::pin(sent).await {
+            Ok(_) => {
+                observe("PutItem", started, "ok");
+                Ok(())
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                observe("PutItem", started, "conditional_failed");
+                Ok(())
+            }
+            Err(e) => {
+                let err = classify(e);
+                observe("PutItem", started, outcome_of(&err));
                 Err(err)
             }
         }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::{PutCondition, Store, StoreError, StoredItem};
+use super::{PutCondition, PutResult, Store, StoreError, StoredItem, View};
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -13,6 +13,7 @@ pub struct MemoryStore {
     /// While set, every call fails as DynamoDB does in an outage.
     failing: AtomicBool,
     calls: AtomicU64,
+    flush_marker: AtomicU64,
 }
 
 impl MemoryStore {
@@ -58,9 +59,9 @@ impl Store for MemoryStore {
         0
     }
 
-    async fn get(&self, key: &[u8], now: u32) -> Result<Option<StoredItem>, StoreError> {
+    async fn get(&self, key: &[u8], view: View) -> Result<Option<StoredItem>, StoreError> {
         let items = self.enter()?;
-        Ok(items.get(key).filter(|i| !i.is_expired(now)).cloned())
+        Ok(items.get(key).filter(|i| i.is_live(view)).cloned())
     }
 
     async fn put(
@@ -68,35 +69,52 @@ impl Store for MemoryStore {
         key: &[u8],
         item: &StoredItem,
         condition: PutCondition,
-    ) -> Result<bool, StoreError> {
+        view: View,
+    ) -> Result<PutResult, StoreError> {
         let mut items = self.enter()?;
-        if let PutCondition::Absent { now } = condition
-            && items.get(key).is_some_and(|i| !i.is_expired(now))
-        {
-            return Ok(false);
+        let current = items.get(key).filter(|i| i.is_live(view)).cloned();
+        let holds = match condition {
+            PutCondition::Always => true,
+            PutCondition::Absent => current.is_none(),
+            PutCondition::Live => current.is_some(),
+            PutCondition::Version(v) => current.as_ref().is_some_and(|c| c.version == v),
+        };
+        if !holds {
+            return Ok(PutResult::Failed { current });
         }
         items.insert(key.to_vec(), item.clone());
-        Ok(true)
+        Ok(PutResult::Stored)
     }
 
-    async fn delete(&self, key: &[u8], now: u32) -> Result<bool, StoreError> {
+    async fn delete(&self, key: &[u8], view: View) -> Result<bool, StoreError> {
         let mut items = self.enter()?;
-        Ok(items.remove(key).is_some_and(|i| !i.is_expired(now)))
+        Ok(items.remove(key).is_some_and(|i| i.is_live(view)))
     }
 
     async fn touch(
         &self,
         key: &[u8],
         expires_at: u32,
-        now: u32,
+        view: View,
     ) -> Result<Option<StoredItem>, StoreError> {
         let mut items = self.enter()?;
         match items.get_mut(key) {
-            Some(item) if !item.is_expired(now) => {
+            Some(item) if item.is_live(view) => {
                 item.expires_at = expires_at;
                 Ok(Some(item.clone()))
             }
             _ => Ok(None),
         }
+    }
+
+    async fn flush_marker(&self) -> Result<u64, StoreError> {
+        drop(self.enter()?);
+        Ok(self.flush_marker.load(Ordering::SeqCst))
+    }
+
+    async fn set_flush_marker(&self, flushed_before: u64) -> Result<(), StoreError> {
+        drop(self.enter()?);
+        self.flush_marker.store(flushed_before, Ordering::SeqCst);
+        Ok(())
     }
 }

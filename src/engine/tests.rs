@@ -1,0 +1,454 @@
+//! Engine behaviour on an in-memory store, through parsed requests.
+
+use super::*;
+use crate::protocol::{Limits, Parsed, parse};
+use crate::store::{MemoryStore, StoredItem};
+
+const NOW: u32 = 1_800_000_000;
+
+fn engine() -> Engine<MemoryStore> {
+    Engine::new(ItemCache::new(1 << 20, 4), MemoryStore::new())
+}
+
+/// Runs every request in `input` at `now`, as a connection would.
+async fn run(engine: &Engine<MemoryStore>, input: &[u8], now: u32) -> String {
+    let mut out = BytesMut::new();
+    let mut rest = input;
+    loop {
+        match parse(rest, &Limits::default()) {
+            Parsed::Request(cmd, len) => {
+                engine.execute_at(cmd, &mut out, now).await;
+                rest = &rest[len..];
+            }
+            Parsed::Invalid {
+                reply,
+                len,
+                noreply,
+            } => {
+                if !noreply {
+                    reply.encode(&mut out);
+                }
+                rest = &rest[len..];
+            }
+            Parsed::Incomplete => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    String::from_utf8(out.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn set_writes_store_then_cache() {
+    let e = engine();
+    assert_eq!(run(&e, b"set k 3 0 2\r\nhi\r\n", NOW).await, "STORED\r\n");
+    let stored = e.store().raw(b"k").unwrap();
+    assert_eq!(
+        (stored.value.as_slice(), stored.flags, stored.expires_at),
+        (&b"hi"[..], 3, 0)
+    );
+    let cached = e.cache().get(b"k", NOW).unwrap();
+    assert_eq!(
+        (cached.value(), cached.version),
+        (&b"hi"[..], stored.version)
+    );
+    // The hit is served from memory: no store call.
+    let calls = e.store().calls();
+    assert_eq!(
+        run(&e, b"get k\r\n", NOW).await,
+        "VALUE k 3 2\r\nhi\r\nEND\r\n"
+    );
+    assert_eq!(e.store().calls(), calls);
+}
+
+#[tokio::test]
+async fn failed_set_answers_server_error_and_caches_nothing() {
+    let e = engine();
+    run(&e, b"set k 0 0 3\r\nold\r\n", NOW).await;
+    e.store().set_failing(true);
+    let reply = run(&e, b"set k 0 0 3\r\nnew\r\n", NOW).await;
+    assert!(
+        reply.starts_with("SERVER_ERROR dynamodb unreachable"),
+        "{reply}"
+    );
+    assert!(
+        e.cache().get(b"k", NOW).is_none(),
+        "the cached copy is dropped"
+    );
+    assert_eq!(e.store().raw(b"k").unwrap().value, b"old");
+}
+
+#[tokio::test]
+async fn store_error_on_miss_is_server_error_not_a_miss() {
+    let e = engine();
+    run(&e, b"set hit 0 0 1\r\nx\r\n", NOW).await;
+    e.store().set_failing(true);
+    // A hit is still served from memory during an outage...
+    assert_eq!(
+        run(&e, b"get hit\r\n", NOW).await,
+        "VALUE hit 0 1\r\nx\r\nEND\r\n"
+    );
+    // ...but a multi-get with a miss answers only the error, no partial values.
+    let reply = run(&e, b"get hit other\r\n", NOW).await;
+    assert!(reply.starts_with("SERVER_ERROR "), "{reply}");
+    assert!(
+        !reply.contains("VALUE") && !reply.contains("END"),
+        "{reply}"
+    );
+}
+
+#[tokio::test]
+async fn miss_fills_from_store() {
+    let e = engine();
+    let item = StoredItem {
+        value: b"from db".to_vec(),
+        flags: 1,
+        expires_at: 0,
+        version: 77,
+    };
+    e.store().insert_raw(b"k", item);
+    assert_eq!(
+        run(&e, b"gets k\r\n", NOW).await,
+        "VALUE k 1 7 77\r\nfrom db\r\nEND\r\n"
+    );
+    assert_eq!(e.cache().get(b"k", NOW).unwrap().version, 77);
+}
+
+#[tokio::test]
+async fn expired_items_are_never_served() {
+    let e = engine();
+    // Expired in the store but not yet deleted (TTL is lazy).
+    let item = StoredItem {
+        value: b"stale".to_vec(),
+        flags: 0,
+        expires_at: NOW - 1,
+        version: 1,
+    };
+    e.store().insert_raw(b"old", item);
+    assert_eq!(run(&e, b"get old\r\n", NOW).await, "END\r\n");
+    // Expired in memory.
+    run(&e, b"set k 0 10 1\r\nx\r\n", NOW).await;
+    assert_eq!(
+        run(&e, b"get k\r\n", NOW + 9).await,
+        "VALUE k 0 1\r\nx\r\nEND\r\n"
+    );
+    assert_eq!(run(&e, b"get k\r\n", NOW + 10).await, "END\r\n");
+}
+
+#[tokio::test]
+async fn add_only_when_absent_or_expired() {
+    let e = engine();
+    assert_eq!(run(&e, b"add k 0 5 1\r\na\r\n", NOW).await, "STORED\r\n");
+    assert_eq!(
+        run(&e, b"add k 0 0 1\r\nb\r\n", NOW).await,
+        "NOT_STORED\r\n"
+    );
+    assert_eq!(
+        run(&e, b"add k 0 0 1\r\nc\r\n", NOW + 5).await,
+        "STORED\r\n"
+    );
+    assert_eq!(e.store().raw(b"k").unwrap().value, b"c");
+}
+
+#[tokio::test]
+async fn delete_and_touch_() {
+    let e = engine();
+    run(&e, b"set k 0 0 1\r\nx\r\n", NOW).await;
+    assert_eq!(run(&e, b"touch k 100\r\n", NOW).await, "TOUCHED\r\n");
+    assert_eq!(e.store().raw(b"k").unwrap().expires_at, NOW + 100);
+    assert_eq!(e.cache().get(b"k", NOW).unwrap().expires_at, NOW + 100);
+    assert_eq!(run(&e, b"touch nope 1\r\n", NOW).await, "NOT_FOUND\r\n");
+    assert_eq!(run(&e, b"delete k\r\n", NOW).await, "DELETED\r\n");
+    assert!(e.cache().get(b"k", NOW).is_none() && e.store().raw(b"k").is_none());
+    assert_eq!(run(&e, b"delete k\r\n", NOW).await, "NOT_FOUND\r\n");
+}
+
+#[tokio::test]
+async fn noreply_suppresses_replies_and_errors() {
+    let e = engine();
+    assert_eq!(
+        run(&e, b"set k 0 0 1 noreply\r\nx\r\ndelete k noreply\r\n", NOW).await,
+        ""
+    );
+    e.store().set_failing(true);
+    assert_eq!(run(&e, b"set k 0 0 1 noreply\r\nx\r\n", NOW).await, "");
+}
+
+#[tokio::test]
+async fn replace_append_prepend_need_a_live_item() {
+    let e = engine();
+    assert_eq!(
+        run(&e, b"replace k 0 0 1\r\nx\r\n", NOW).await,
+        "NOT_STORED\r\n"
+    );
+    assert_eq!(
+        run(&e, b"append k 0 0 1\r\nx\r\n", NOW).await,
+        "NOT_STORED\r\n"
+    );
+    assert_eq!(
+        run(&e, b"prepend k 0 0 1\r\nx\r\n", NOW).await,
+        "NOT_STORED\r\n"
+    );
+    assert!(e.store().raw(b"k").is_none());
+    run(&e, b"set k 5 100 1\r\nb\r\n", NOW).await;
+    assert_eq!(run(&e, b"append k 9 0 1\r\nc\r\n", NOW).await, "STORED\r\n");
+    assert_eq!(
+        run(&e, b"prepend k 9 0 1\r\na\r\n", NOW).await,
+        "STORED\r\n"
+    );
+    // Flags and expiry are the original item's.
+    assert_eq!(
+        run(&e, b"get k\r\n", NOW).await,
+        "VALUE k 5 3\r\nabc\r\nEND\r\n"
+    );
+    let stored = e.store().raw(b"k").unwrap();
+    assert_eq!(
+        (stored.value.as_slice(), stored.expires_at),
+        (&b"abc"[..], NOW + 100)
+    );
+    assert_eq!(
+        run(&e, b"replace k 2 0 1\r\nz\r\n", NOW).await,
+        "STORED\r\n"
+    );
+    assert_eq!(
+        run(&e, b"get k\r\n", NOW).await,
+        "VALUE k 2 1\r\nz\r\nEND\r\n"
+    );
+    // An expired item counts as absent.
+    run(&e, b"set old 0 10 1\r\nx\r\n", NOW).await;
+    assert_eq!(
+        run(&e, b"replace old 0 0 1\r\ny\r\n", NOW + 10).await,
+        "NOT_STORED\r\n"
+    );
+}
+
+#[tokio::test]
+async fn cas_tells_exists_from_not_found() {
+    let e = engine();
+    assert_eq!(
+        run(&e, b"cas k 0 0 1 1\r\nx\r\n", NOW).await,
+        "NOT_FOUND\r\n"
+    );
+    run(&e, b"set k 0 0 1\r\nx\r\n", NOW).await;
+    let unique = e.store().raw(b"k").unwrap().version;
+    let stale = format!("cas k 0 0 1 {}\r\ny\r\n", unique + 1);
+    assert_eq!(run(&e, stale.as_bytes(), NOW).await, "EXISTS\r\n");
+    let good = format!("cas k 0 0 1 {unique}\r\ny\r\n");
+    assert_eq!(run(&e, good.as_bytes(), NOW).await, "STORED\r\n");
+    // Every write changes the unique: the same cas fails now.
+    assert_eq!(run(&e, good.as_bytes(), NOW).await, "EXISTS\r\n");
+    let after = e.store().raw(b"k").unwrap().version;
+    assert!(after > unique);
+    assert_eq!(
+        run(&e, b"gets k\r\n", NOW).await,
+        format!("VALUE k 0 1 {after}\r\ny\r\nEND\r\n")
+    );
+    let snapshot: std::collections::HashMap<_, _> = e.stats().snapshot().into_iter().collect();
+    assert_eq!(
+        (
+            snapshot["cas_hits"],
+            snapshot["cas_badval"],
+            snapshot["cas_misses"]
+        ),
+        (1, 2, 1)
+    );
+}
+
+#[tokio::test]
+async fn incr_decr_follow_memcached_arithmetic() {
+    let e = engine();
+    assert_eq!(run(&e, b"incr n 1\r\n", NOW).await, "NOT_FOUND\r\n");
+    run(&e, b"set n 3 0 2\r\n10\r\n", NOW).await;
+    assert_eq!(run(&e, b"incr n 5\r\n", NOW).await, "15\r\n");
+    assert_eq!(run(&e, b"decr n 100\r\n", NOW).await, "0\r\n");
+    // A shorter result keeps the old length, padded with spaces.
+    assert_eq!(
+        run(&e, b"get n\r\n", NOW).await,
+        "VALUE n 3 2\r\n0 \r\nEND\r\n"
+    );
+    run(&e, b"set n 0 0 20\r\n18446744073709551615\r\n", NOW).await;
+    assert_eq!(run(&e, b"incr n 1\r\n", NOW).await, "0\r\n");
+    assert_eq!(
+        run(&e, b"get n\r\n", NOW).await,
+        "VALUE n 0 20\r\n0                   \r\nEND\r\n"
+    );
+    run(&e, b"set n 0 0 1\r\n9\r\n", NOW).await;
+    assert_eq!(run(&e, b"incr n 1\r\n", NOW).await, "10\r\n");
+    assert_eq!(
+        run(&e, b"get n\r\n", NOW).await,
+        "VALUE n 0 2\r\n10\r\nEND\r\n"
+    );
+    run(&e, b"set s 0 0 2\r\nab\r\n", NOW).await;
+    assert_eq!(
+        run(&e, b"incr s 1\r\n", NOW).await,
+        "CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
+    );
+    assert_eq!(
+        run(&e, b"incr n -1\r\n", NOW).await,
+        "CLIENT_ERROR invalid numeric delta argument\r\n"
+    );
+    assert_eq!(
+        run(&e, b"decr n 1 noreply\r\nget n\r\n", NOW).await,
+        "VALUE n 0 2\r\n9 \r\nEND\r\n"
+    );
+}
+
+#[tokio::test]
+async fn flush_all_hides_older_items_from_cache_and_store() {
+    let e = engine();
+    run(&e, b"set a 0 0 1\r\nx\r\nset b 0 0 1\r\ny\r\n", NOW).await;
+    assert_eq!(run(&e, b"flush_all\r\n", NOW).await, "OK\r\n");
+    assert_eq!(e.cache().stats().items, 0, "memory freed at once");
+    // Still in the store, but flushed: never served, absent for add.
+    assert!(e.store().raw(b"a").is_some());
+    assert_eq!(run(&e, b"get a b\r\n", NOW).await, "END\r\n");
+    assert_eq!(run(&e, b"add a 0 0 1\r\nz\r\n", NOW).await, "STORED\r\n");
+    assert_eq!(
+        run(&e, b"get a\r\n", NOW).await,
+        "VALUE a 0 1\r\nz\r\nEND\r\n"
+    );
+    assert_eq!(
+        run(&e, b"replace b 0 0 1\r\nz\r\n", NOW).await,
+        "NOT_STORED\r\n"
+    );
+    assert_eq!(run(&e, b"incr b 1\r\n", NOW).await, "NOT_FOUND\r\n");
+    assert_eq!(run(&e, b"delete b\r\n", NOW).await, "NOT_FOUND\r\n");
+    // A delayed flush hides nothing until its time.
+    assert_eq!(run(&e, b"flush_all 100 noreply\r\n", NOW).await, "");
+    assert_eq!(
+        run(&e, b"get a\r\n", NOW).await,
+        "VALUE a 0 1\r\nz\r\nEND\r\n"
+    );
+    assert_eq!(
+        run(&e, b"flush_all abc\r\n", NOW).await,
+        "CLIENT_ERROR invalid exptime argument\r\n"
+    );
+}
+
+#[tokio::test]
+async fn flush_all_can_be_refused() {
+    let options = EngineOptions {
+        flush_enabled: false,
+        ..EngineOptions::default()
+    };
+    let e = Engine::with_options(ItemCache::new(1 << 20, 4), MemoryStore::new(), options);
+    run(&e, b"set a 0 0 1\r\nx\r\n", NOW).await;
+    assert_eq!(
+        run(&e, b"flush_all\r\n", NOW).await,
+        "CLIENT_ERROR flush_all not allowed\r\n"
+    );
+    assert_eq!(
+        run(&e, b"get a\r\n", NOW).await,
+        "VALUE a 0 1\r\nx\r\nEND\r\n"
+    );
+}
+
+#[tokio::test]
+async fn gat_touches_and_returns() {
+    let e = engine();
+    run(&e, b"set k 1 0 1\r\nx\r\n", NOW).await;
+    let unique = e.store().raw(b"k").unwrap().version;
+    assert_eq!(
+        run(&e, b"gat 100 k nope\r\n", NOW).await,
+        "VALUE k 1 1\r\nx\r\nEND\r\n"
+    );
+    assert_eq!(e.store().raw(b"k").unwrap().expires_at, NOW + 100);
+    assert_eq!(
+        run(&e, b"gats 0 k\r\n", NOW).await,
+        format!("VALUE k 1 1 {unique}\r\nx\r\nEND\r\n")
+    );
+    assert_eq!(e.store().raw(b"k").unwrap().expires_at, 0);
+    assert_eq!(run(&e, b"gat 100\r\n", NOW).await, "END\r\n");
+}
+
+#[tokio::test]
+async fn stats_groups_are_well_formed() {
+    let e = engine();
+    run(&e, b"set k 0 0 1\r\nx\r\nget k\r\nget nope\r\n", NOW).await;
+    let general = run(&e, b"stats\r\n", NOW).await;
+    for name in [
+        "pid",
+        "uptime",
+        "time",
+        "version",
+        "curr_connections",
+        "total_connections",
+        "cmd_get",
+        "cmd_set",
+        "cmd_touch",
+        "get_hits",
+        "get_misses",
+        "delete_hits",
+        "delete_misses",
+        "incr_hits",
+        "incr_misses",
+        "decr_hits",
+        "decr_misses",
+        "cas_hits",
+        "cas_misses",
+        "cas_badval",
+        "touch_hits",
+        "touch_misses",
+        "curr_items",
+        "total_items",
+        "bytes",
+        "limit_maxbytes",
+        "evictions",
+        "bytes_read",
+        "bytes_written",
+        "rusage_user",
+        "rusage_system",
+        "cmd_flush",
+        "rejected_connections",
+        "reclaimed",
+        "store_too_large",
+        "store_no_memory",
+    ] {
+        assert!(
+            general.contains(&format!("STAT {name} ")),
+            "stats has {name}: {general}"
+        );
+    }
+    assert!(general.contains("STAT get_hits 1\r\n") && general.contains("STAT get_misses 1\r\n"));
+    assert!(general.ends_with("END\r\n"));
+    for group in [
+        "settings",
+        "items",
+        "slabs",
+        "sizes",
+        "conns",
+        "detail dump",
+        "cachedump 1 1",
+    ] {
+        let reply = run(&e, format!("stats {group}\r\n").as_bytes(), NOW).await;
+        assert!(reply.ends_with("END\r\n"), "stats {group}: {reply}");
+        assert!(
+            reply.lines().all(|l| l == "END" || l.starts_with("STAT ")),
+            "stats {group}: {reply}"
+        );
+    }
+    assert_eq!(run(&e, b"stats reset\r\n", NOW).await, "RESET\r\n");
+    assert!(
+        run(&e, b"stats\r\n", NOW)
+            .await
+            .contains("STAT get_hits 0\r\n")
+    );
+    assert_eq!(run(&e, b"stats bogus\r\n", NOW).await, "ERROR\r\n");
+}
+
+#[tokio::test]
+async fn operator_commands() {
+    let e = engine();
+    assert_eq!(run(&e, b"verbosity 1\r\n", NOW).await, "OK\r\n");
+    assert_eq!(run(&e, b"verbosity 1 noreply\r\n", NOW).await, "");
+    assert_eq!(run(&e, b"cache_memlimit 100\r\n", NOW).await, "OK\r\n");
+    assert_eq!(e.cache().stats().limit_bytes, 100 << 20);
+    assert_eq!(
+        run(&e, b"cache_memlimit 1\r\n", NOW).await,
+        "MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m\r\n"
+    );
+    assert_eq!(
+        run(&e, b"shutdown\r\n", NOW).await,
+        "ERROR: shutdown not enabled\r\n"
+    );
+    assert_eq!(run(&e, b"mn\r\n", NOW).await, "MN\r\n");
+}
