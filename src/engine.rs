@@ -9,7 +9,7 @@
 //! - an expired item is never served, from memory or from the store.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 
@@ -69,6 +69,7 @@ impl<S: Store> Engine<S> {
     /// Runs `cmd` as if the time were `now` (Unix seconds).
     pub async fn execute_at(&self, cmd: Command<'_>, out: &mut BytesMut, now: u32) -> Flow {
         let name = cmd.name();
+        let started = Instant::now();
         let (outcome, flow) = match cmd {
             Command::Get { keys, cas } => (self.get(keys, cas, out, now).await, Flow::Continue),
             Command::Store {
@@ -101,6 +102,7 @@ impl<S: Store> Engine<S> {
             Command::Quit => (Outcome::Ok, Flow::Close),
         };
         self.metrics.command(name, outcome);
+        self.metrics.duration(name, started);
         flow
     }
 

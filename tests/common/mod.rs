@@ -222,7 +222,7 @@ impl TestServer {
             shutdown_grace: Duration::from_secs(5),
         };
         let task = tokio::spawn(server::serve(
-            listener,
+            vec![listener.into()],
             engine.clone(),
             options,
             shutdown.clone(),
