@@ -167,3 +167,27 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     );
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::ItemCache;
+    use crate::store::DynamoSettings;
+
+    #[tokio::test]
+    async fn not_ready_once_shutdown_begins() {
+        // Nothing listens on port 9: the check must not get that far.
+        let settings = DynamoSettings {
+            endpoint_url: Some("http://127.0.0.1:9".into()),
+            region: Some("us-east-1".into()),
+            ..DynamoSettings::default()
+        };
+        let store = DynamoStore::connect(settings).await;
+        let engine = Arc::new(Engine::new(ItemCache::new(1 << 20, 1), store));
+        let shutdown = CancellationToken::new();
+        let readiness = Readiness::new(engine, shutdown.clone());
+        shutdown.cancel();
+        let reason = readiness.check().await.unwrap_err();
+        assert!(reason.starts_with("shutting down"), "{reason}");
+    }
+}

@@ -9,6 +9,8 @@
 //! stops it when done. Tests that stop DynamoDB always use a private one.
 #![allow(dead_code)]
 
+pub mod exposition;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
