@@ -8,6 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::task::{Context, Poll};
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
@@ -68,10 +69,10 @@ impl Listener {
         Ok(Listener::Unix(listener, file))
     }
 
-    pub async fn accept(&self) -> io::Result<Accepted> {
+    pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<Accepted>> {
         match self {
-            Listener::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
-            Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+            Listener::Tcp(l) => l.poll_accept(cx).map_ok(|(s, a)| Accepted::Tcp(s, a)),
+            Listener::Unix(l, _) => l.poll_accept(cx).map_ok(|(s, _)| Accepted::Unix(s)),
         }
     }
 
@@ -84,6 +85,22 @@ impl Listener {
             Listener::Unix(_, file) => format!("unix:{}", file.path.display()),
         }
     }
+}
+
+/// Accepts a connection on whichever of `listeners` has one, taking turns
+/// (from `*turn` on) so a busy listener cannot starve the others.
+pub async fn accept_any(listeners: &[Listener], turn: &mut usize) -> io::Result<Accepted> {
+    std::future::poll_fn(|cx| {
+        for i in 0..listeners.len() {
+            let at = (*turn + i) % listeners.len();
+            if let Poll::Ready(accepted) = listeners[at].poll_accept(cx) {
+                *turn = at + 1;
+                return Poll::Ready(accepted);
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 impl From<TcpListener> for Listener {
