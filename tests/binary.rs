@@ -643,6 +643,12 @@ async fn readiness_follows_dynamodb_and_an_outage_logs_once() {
         assert!(reply.starts_with("SERVER_ERROR "), "{reply}");
     }
     assert_eq!(log_count(FAILING), 1, "one warning for the whole outage");
+    // Connection errors are retried by the SDK before the call fails.
+    let retries = exposition(metrics_port).count(
+        "dynacache_dynamodb_retries_total",
+        &[("operation", "GetItem")],
+    );
+    assert!(retries >= 4.0, "{retries} retries for 4 failed GetItems");
 
     // DynamoDB Local comes back on the same port, empty (it keeps data in
     // memory): the table is created again.
