@@ -3,11 +3,11 @@
 //! the offending key; `main` exits with 64 (EX_USAGE) on any error here.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::store::{DynamoSettings, TableSettings};
 
@@ -17,8 +17,13 @@ pub const DYNAMODB_ITEM_MAX: u64 = 400 * 1024;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Where memcached clients connect.
+    /// Where memcached clients connect over TCP; port 0 turns TCP off (as
+    /// memcached's `-p 0`), for a unix-socket-only sidecar.
     pub listen: SocketAddr,
+    /// A unix domain socket memcached clients connect to, beside TCP.
+    pub unix_socket: Option<PathBuf>,
+    /// The socket file's permissions (octal); memcached's `-a` default.
+    pub unix_socket_mode: SocketMode,
     /// Where Prometheus scrapes `/metrics`.
     pub metrics_listen: SocketAddr,
     /// Byte budget of the in-memory cache (keys, values and per-entry overhead).
@@ -61,6 +66,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:11211".parse().unwrap(),
+            unix_socket: None,
+            unix_socket_mode: SocketMode(0o700),
             metrics_listen: "127.0.0.1:9150".parse().unwrap(),
             memory_limit: ByteSize::mib(64),
             item_size_max: ByteSize::b(DYNAMODB_ITEM_MAX),
@@ -75,6 +82,46 @@ impl Default for Config {
             dynamodb: DynamoSettings::default(),
             table: TableSettings::default(),
         }
+    }
+}
+
+/// Permission bits of the unix socket file, written in octal ("0700"):
+/// connecting needs write permission on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketMode(pub u32);
+
+impl std::fmt::Display for SocketMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+impl std::str::FromStr for SocketMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<SocketMode, String> {
+        let digits = s.strip_prefix("0o").unwrap_or(s);
+        match u32::from_str_radix(digits, 8) {
+            Ok(mode) if !digits.is_empty() && mode <= 0o777 => Ok(SocketMode(mode)),
+            _ => Err(format!(
+                "{s:?} is not a file mode: octal permission bits like \"0700\" or \"0660\""
+            )),
+        }
+    }
+}
+
+impl Serialize for SocketMode {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SocketMode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<SocketMode, D::Error> {
+        // A string, as TOML has no octal-looking integers that read naturally.
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -122,8 +169,27 @@ impl Config {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
 
+    /// The TCP address to serve, unless TCP is off (port 0).
+    pub fn tcp_listen(&self) -> Option<SocketAddr> {
+        (self.listen.port() != 0).then_some(self.listen)
+    }
+
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tcp_listen().is_none() && self.unix_socket.is_none() {
+            return Err(invalid(
+                "listen",
+                "port 0 turns TCP off, and no unix_socket is set: clients could not connect",
+            ));
+        }
+        if let Some(path) = &self.unix_socket
+            && (path.as_os_str().is_empty() || path.to_string_lossy().ends_with('/'))
+        {
+            return Err(invalid(
+                "unix_socket",
+                format!("{path:?} is not a socket file path"),
+            ));
+        }
         let d = &self.dynamodb;
         let table_ok = (3..=255).contains(&d.table.len())
             && d.table
@@ -260,6 +326,32 @@ mod tests {
                 .to_string()
                 .contains("item_size_max")
         );
+    }
+
+    #[test]
+    fn unix_socket_mode_is_octal() {
+        let config = Config::from_toml(
+            "unix_socket = \"/run/dynacache/sock\"\nunix_socket_mode = \"0660\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.unix_socket_mode, SocketMode(0o660));
+        assert_eq!(Config::default().unix_socket_mode.to_string(), "0700");
+        assert!(config.to_toml().contains("unix_socket_mode = \"0660\""));
+        for bad in ["\"0800\"", "\"rw\"", "\"\"", "\"01777\"", "660"] {
+            let err = Config::from_toml(&format!("unix_socket_mode = {bad}\n")).unwrap_err();
+            assert!(err.contains("unix_socket_mode"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn some_listener_is_required() {
+        let config = Config::from_toml("listen = \"127.0.0.1:0\"\n").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("`listen`"), "{err}");
+        let config =
+            Config::from_toml("listen = \"127.0.0.1:0\"\nunix_socket = \"/tmp/d.sock\"\n").unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.tcp_listen(), None);
     }
 
     #[test]

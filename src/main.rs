@@ -3,7 +3,7 @@
 //! to DynamoDB, serve, and on SIGTERM/SIGINT drain within the grace period.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,9 +13,11 @@ use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use dynacache::admin::{self, Admin, Readiness};
 use dynacache::cache::{CacheStats, ItemCache};
-use dynacache::config::{Config, LogFormat};
+use dynacache::config::{Config, LogFormat, SocketMode};
 use dynacache::engine::{Engine, EngineOptions};
+use dynacache::listener::Listener;
 use dynacache::protocol::Limits;
 use dynacache::server::{self, ServeOptions};
 use dynacache::store::{DynamoStore, Store};
@@ -28,30 +30,75 @@ const EXIT_CONFIG: u8 = 64;
 /// Clients speak memcached to it; hits come from memory, misses from a
 /// strongly consistent DynamoDB read, and writes reach DynamoDB before they
 /// are acknowledged.
+///
+/// Flags override the configuration file; memcached's -l, -p, -s, -a, -m
+/// and -c mean what they mean to memcached (but -s keeps TCP on: -p 0
+/// turns it off).
 #[derive(Debug, Parser)]
-#[command(name = "dynacache", version, about, long_about)]
+#[command(
+    name = "dynacache",
+    version,
+    about,
+    long_about,
+    after_help = "Health and metrics: http://<metrics-listen>/metrics, /healthz, /readyz.\n\
+                  AWS credentials and region come from the standard AWS chain.\n\
+                  Every setting, with its default: config.example.toml."
+)]
 struct Cli {
     /// TOML configuration file (see config.example.toml); flags override it.
     #[arg(long, short = 'C', value_name = "FILE", env = "DYNACACHE_CONFIG")]
     config: Option<PathBuf>,
-    /// Address memcached clients connect to [default: 127.0.0.1:11211].
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<SocketAddr>,
-    /// Address of the Prometheus /metrics endpoint [default: 127.0.0.1:9150].
-    #[arg(long, value_name = "ADDR")]
+    /// Validate the configuration, print it in full as TOML, and exit:
+    /// 0 if valid, 64 if not. Connects to nothing.
+    #[arg(long)]
+    check_config: bool,
+
+    /// TCP address for memcached clients: an IP, or IP:PORT [default: 127.0.0.1:11211].
+    #[arg(long, short = 'l', value_name = "ADDR", value_parser = parse_listen, help_heading = "Listeners")]
+    listen: Option<ListenAddr>,
+    /// TCP port for memcached clients; 0 turns TCP off [default: 11211].
+    #[arg(long, short = 'p', value_name = "PORT", help_heading = "Listeners")]
+    port: Option<u16>,
+    /// Unix socket for memcached clients, beside TCP.
+    #[arg(long, short = 's', value_name = "PATH", help_heading = "Listeners")]
+    unix_socket: Option<PathBuf>,
+    /// The unix socket's file mode, octal [default: 0700].
+    #[arg(long, short = 'a', value_name = "MODE", help_heading = "Listeners")]
+    unix_socket_mode: Option<SocketMode>,
+    /// Client connections served at once; more wait in the backlog [default: 1024].
+    #[arg(long, short = 'c', value_name = "N", help_heading = "Listeners")]
+    max_connections: Option<usize>,
+    /// HTTP address of /metrics, /healthz and /readyz [default: 127.0.0.1:9150].
+    #[arg(long, value_name = "ADDR", help_heading = "Listeners")]
     metrics_listen: Option<SocketAddr>,
+
     /// Cache memory budget, e.g. "64MiB" or "1GiB" [default: 64MiB].
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", help_heading = "Cache")]
     memory_limit: Option<ByteSize>,
+    /// Cache memory budget in MiB, as memcached's -m.
+    #[arg(
+        short = 'm',
+        value_name = "MIB",
+        conflicts_with = "memory_limit",
+        help_heading = "Cache"
+    )]
+    memory_mib: Option<u64>,
+
     /// DynamoDB table [default: dynacache].
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", help_heading = "DynamoDB")]
     table: Option<String>,
     /// DynamoDB endpoint, e.g. http://127.0.0.1:8000 for DynamoDB Local.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", help_heading = "DynamoDB")]
     endpoint_url: Option<String>,
     /// AWS region [default: from the AWS chain].
-    #[arg(long, value_name = "REGION")]
+    #[arg(long, value_name = "REGION", help_heading = "DynamoDB")]
     region: Option<String>,
+
+    /// Log lines as human-readable text or JSON objects [default: text].
+    /// The level comes from RUST_LOG (default: info).
+    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"], help_heading = "Logging")]
+    log_format: Option<String>,
+
     #[command(subcommand)]
     command: Option<Action>,
 }
@@ -65,20 +112,53 @@ enum Action {
     InitTable,
 }
 
+/// memcached's -l names an interface (an IP); dynacache also takes IP:PORT.
+#[derive(Debug, Clone, Copy)]
+enum ListenAddr {
+    Ip(IpAddr),
+    Addr(SocketAddr),
+}
+
+fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(ListenAddr::Addr(addr));
+    }
+    s.parse()
+        .map(ListenAddr::Ip)
+        .map_err(|_| "expected an IP address (127.0.0.1, ::1) or IP:PORT ([::1]:11211)".into())
+}
+
 impl Cli {
     fn config(&self) -> Result<Config, dynacache::config::ConfigError> {
         let mut config = match &self.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
-        if let Some(v) = self.listen {
-            config.listen = v;
+        match self.listen {
+            Some(ListenAddr::Addr(addr)) => config.listen = addr,
+            Some(ListenAddr::Ip(ip)) => config.listen.set_ip(ip),
+            None => {}
+        }
+        if let Some(port) = self.port {
+            config.listen.set_port(port);
+        }
+        if let Some(v) = &self.unix_socket {
+            config.unix_socket = Some(v.clone());
+        }
+        if let Some(v) = self.unix_socket_mode {
+            config.unix_socket_mode = v;
+        }
+        if let Some(v) = self.max_connections {
+            config.max_connections = v;
         }
         if let Some(v) = self.metrics_listen {
             config.metrics_listen = v;
         }
         if let Some(v) = self.memory_limit {
             config.memory_limit = v;
+        }
+        if let Some(mib) = self.memory_mib {
+            config.memory_limit = ByteSize::mib(mib);
         }
         if let Some(v) = &self.table {
             config.dynamodb.table = v.clone();
@@ -88,6 +168,11 @@ impl Cli {
         }
         if let Some(v) = &self.region {
             config.dynamodb.region = Some(v.clone());
+        }
+        match self.log_format.as_deref() {
+            Some("json") => config.log_format = LogFormat::Json,
+            Some(_) => config.log_format = LogFormat::Text,
+            None => {}
         }
         config.validate()?;
         Ok(config)
@@ -103,6 +188,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if cli.check_config {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
     init_logging(config.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -164,11 +253,13 @@ async fn serve(config: Config) -> Result<(), String> {
         config = %config.to_toml().lines().filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; "),
         "starting"
     );
-    if !config.listen.ip().is_loopback() {
-        tracing::warn!(listen = %config.listen, "listening beyond loopback: any host that reaches this address can read and write the cache");
+    if let Some(addr) = config.tcp_listen()
+        && !addr.ip().is_loopback()
+    {
+        tracing::warn!(listen = %addr, "listening beyond loopback: any host that reaches this address can read and write the cache");
     }
-    dynacache::metrics::install(config.metrics_listen)
-        .map_err(|e| format!("cannot serve metrics on {}: {e}", config.metrics_listen))?;
+    let metrics = dynacache::metrics::install()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
 
     let store = DynamoStore::connect(config.dynamodb.clone()).await;
     let limits = Limits {
@@ -193,12 +284,26 @@ async fn serve(config: Config) -> Result<(), String> {
         tracing::warn!(error = %e, "cannot read the flush_all marker yet; retrying in the background");
     }
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let mut listeners = Vec::new();
+    if let Some(addr) = config.tcp_listen() {
+        listeners.push(Listener::bind_tcp(addr).await?);
+    }
+    if let Some(path) = &config.unix_socket {
+        listeners.push(Listener::bind_unix(path, config.unix_socket_mode)?);
+    }
+    let admin_listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    tracing::info!(listen = %config.listen, metrics = %config.metrics_listen, table = %config.dynamodb.table, "serving");
+        .map_err(|e| format!("cannot serve metrics on {}: {e}", config.metrics_listen))?;
 
     let shutdown = CancellationToken::new();
+    let admin = Admin {
+        metrics,
+        readiness: Readiness::new(engine.clone(), shutdown.clone()),
+    };
+    tokio::spawn(admin::serve(admin_listener, Arc::new(admin)));
+    let described: Vec<_> = listeners.iter().map(Listener::describe).collect();
+    tracing::info!(listen = %described.join(", "), metrics = %config.metrics_listen, table = %config.dynamodb.table, "serving");
+
     tokio::spawn(publish_cache_metrics(engine.clone(), shutdown.clone()));
     let upkeep = engine.clone();
     let upkeep_shutdown = shutdown.clone();
@@ -210,7 +315,7 @@ async fn serve(config: Config) -> Result<(), String> {
         shutdown_grace: config.shutdown_grace,
         idle_timeout: (!config.idle_timeout.is_zero()).then_some(config.idle_timeout),
     };
-    if server::serve(listener, engine, options, shutdown).await {
+    if server::serve(listeners, engine, options, shutdown).await {
         tracing::info!("stopped");
     } else {
         tracing::warn!(grace = ?config.shutdown_grace, "stopped with requests still in flight after the grace period");

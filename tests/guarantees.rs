@@ -466,7 +466,7 @@ async fn connections_beyond_the_limit_wait_for_a_permit() {
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let serving = tokio::spawn(dynacache::server::serve(
-        listener,
+        vec![listener.into()],
         engine,
         options,
         shutdown.clone(),

@@ -151,6 +151,7 @@ impl<S: Store> Engine<S> {
     /// Runs `cmd` as if the time were `now` (Unix seconds).
     pub async fn execute_at(&self, cmd: Command<'_>, out: &mut BytesMut, now: u32) -> Flow {
         let name = cmd.name();
+        let started = Instant::now();
         let view = self.view(now);
         let outcome = match cmd {
             Command::Get { keys, cas, touch } => match touch {
@@ -216,6 +217,7 @@ impl<S: Store> Engine<S> {
             }
         };
         self.metrics.command(name, outcome);
+        self.metrics.duration(name, started);
         Flow::Continue
     }
 

@@ -153,7 +153,10 @@ impl DynamoStore {
         }
         // Boxed: the loader's future is large, and callers nest it in theirs.
         let sdk = Box::pin(customize(loader).load()).await;
-        DynamoStore::with_client(Client::new(&sdk), settings)
+        let config = aws_sdk_dynamodb::config::Builder::from(&sdk)
+            .interceptor(super::metering::Metering)
+            .build();
+        DynamoStore::with_client(Client::from_conf(config), settings)
     }
 
     pub fn with_client(client: Client, settings: DynamoSettings) -> DynamoStore {
@@ -328,15 +331,25 @@ impl DynamoStore {
 
     /// Whether the table exists and answers (for readiness).
     pub async fn describe_table(&self) -> Result<(), StoreError> {
-        Box::pin(
+        let started = Instant::now();
+        let result = Box::pin(
             self.client
                 .describe_table()
                 .table_name(&self.settings.table)
                 .send(),
         )
-        .await
-        .map(|_| ())
-        .map_err(classify)
+        .await;
+        match result {
+            Ok(_) => {
+                observe("DescribeTable", started, "ok");
+                Ok(())
+            }
+            Err(e) => {
+                let err = classify(e);
+                observe("DescribeTable", started, outcome_of(&err));
+                Err(err)
+            }
+        }
     }
 }
 
@@ -373,8 +386,18 @@ fn expiry(attrs: &HashMap<String, AttributeValue>, name: &str) -> Result<u32, St
     }
 }
 
-/// Maps an SDK failure to what the client is told.
+/// Maps an SDK failure to what the client is told, and notes it for the
+/// outage log.
 fn classify<E>(err: SdkError<E>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let err = classify_only(err);
+    super::outage::DYNAMODB.failed(&err);
+    err
+}
+
+fn classify_only<E>(err: SdkError<E>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
@@ -406,6 +429,9 @@ fn observe(operation: &'static str, started: Instant, outcome: &'static str) {
         .increment(1);
     metrics::histogram!(crate::metrics::DYNAMODB_DURATION, "operation" => operation)
         .record(started.elapsed().as_secs_f64());
+    if matches!(outcome, "ok" | "conditional_failed") {
+        super::outage::DYNAMODB.answered();
+    }
 }
 
 fn outcome_of(err: &StoreError) -> &'static str {

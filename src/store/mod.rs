@@ -7,6 +7,8 @@
 
 mod dynamo;
 mod memory;
+mod metering;
+mod outage;
 
 use std::future::Future;
 

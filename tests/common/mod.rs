@@ -9,6 +9,7 @@
 //! stops it when done. Tests that stop DynamoDB always use a private one.
 #![allow(dead_code)]
 
+pub mod exposition;
 pub mod proxy;
 
 use std::net::SocketAddr;
@@ -235,7 +236,7 @@ impl TestServer {
             idle_timeout,
         };
         let task = tokio::spawn(server::serve(
-            listener,
+            vec![listener.into()],
             engine.clone(),
             options,
             shutdown.clone(),
