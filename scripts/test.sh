@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # test.sh: install what the tests need, then run every test.
 #
-# Installs Java 17 and DynamoDB Local (scripts/dynamodb-local.sh install),
+# Installs Java 17 and DynamoDB Local (scripts/dynamodb-local.sh install) and
+# Debian's memcached (the reference for conformance tests),
 # starts one DynamoDB Local on a free loopback port for the whole run (tests
 # share it, each on its own table; fault tests start private ones), runs
 # formatting and lint checks and the whole test suite, and stops DynamoDB
@@ -11,6 +12,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 DDB=scripts/dynamodb-local.sh
 "$DDB" install
+
+# Debian's memcached 1.6: the reference the conformance tests compare with, live.
+if ! command -v memcached >/dev/null; then
+  echo "test: apt-get install memcached"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq memcached >/dev/null 2>&1 ||
+    { apt-get update -qq >/dev/null && apt-get install -y -qq memcached >/dev/null; }
+fi
 
 # The Rust toolchain comes with the machine (rustup); fmt and clippy are its components.
 rustup component add rustfmt clippy >/dev/null 2>&1 || true

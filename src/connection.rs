@@ -81,9 +81,12 @@ where
                     discard: d,
                     noreply,
                 } => {
-                    engine.reject_too_large(mode, key);
+                    let failed = engine.reject_too_large(mode, key).await;
                     if !noreply {
-                        TOO_LARGE.encode(&mut wbuf);
+                        match failed {
+                            None => TOO_LARGE.encode(&mut wbuf),
+                            Some(e) => Reply::ServerError(&e.to_string()).encode(&mut wbuf),
+                        }
                     }
                     rbuf.advance(len);
                     discard = d;

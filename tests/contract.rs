@@ -243,7 +243,8 @@ async fn item_size_limit_matches_dynamodb() {
     assert_eq!(item["value"].as_b().unwrap().as_ref().len(), max);
 
     // One byte more: refused, the data discarded, the stream still in sync,
-    // and the old value dropped from the cache (memcached drops it too).
+    // and the old value gone (memcached drops it too: the client meant to
+    // replace it, so it must not read it back).
     let mut req = format!("set {key} 0 0 {}\r\n", max + 1).into_bytes();
     req.extend(std::iter::repeat_n(b'v', max + 1));
     req.extend_from_slice(b"\r\nversion\r\n");
@@ -253,6 +254,9 @@ async fn item_size_limit_matches_dynamodb() {
     );
     assert!(c.reply().await.starts_with("VERSION "));
     assert!(server.engine.cache().get(key.as_bytes(), 0).is_none());
+    assert!(table_item(&db.client(), &settings, &key).await.is_none());
+    let get = format!("get {key}\r\n");
+    assert_eq!(c.call(get.as_bytes()).await, "END\r\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

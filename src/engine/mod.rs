@@ -221,15 +221,17 @@ impl<S: Store> Engine<S> {
         Flow::Continue
     }
 
-    /// A storage request whose data was too large to accept: memcached
-    /// drops the old value of a failed `set`, so the cached copy goes too
-    /// (the store keeps its item, and the next read returns it).
-    pub fn reject_too_large(&self, mode: StoreMode, key: &[u8]) {
-        if mode == StoreMode::Set {
-            self.cache.remove(key);
-        }
+    /// A storage request whose data was too large to accept. memcached drops
+    /// the old value of a `set` that fails this way (a client that meant to
+    /// replace it must not read it back), so the item is deleted from the
+    /// store and the cache. Returns the error to answer if that failed.
+    pub async fn reject_too_large(&self, mode: StoreMode, key: &[u8]) -> Option<StoreError> {
         stats::bump(&self.stats.store_too_large);
         self.metrics.command(mode.name(), Outcome::ServerError);
+        if mode != StoreMode::Set || self.store.check_key(key).is_err() {
+            return None;
+        }
+        self.delete(key, self.view(unix_now())).await.err()
     }
 
     /// A client connected (for `stats` and metrics).

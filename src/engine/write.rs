@@ -87,8 +87,16 @@ impl<S: Store> Engine<S> {
                 self.stored(key, &item, view)
             }
             (PutResult::Stored, _) => self.stored(key, &item, view),
-            (PutResult::Failed { current: Some(_) }, StoreMode::Cas(_)) => {
+            (
+                PutResult::Failed {
+                    current: Some(current),
+                },
+                StoreMode::Cas(_),
+            ) => {
                 bump(&self.stats.cas_badval);
+                // The store told us what it holds: a client retrying its
+                // `gets` here now sees that version.
+                self.fill(key, &current, view);
                 Ok((Outcome::NotStored, Reply::Exists))
             }
             (PutResult::Failed { current: None }, StoreMode::Cas(_)) => {

@@ -235,6 +235,11 @@ impl TestServer {
             shutdown_grace: Duration::from_secs(5),
             idle_timeout,
         };
+        // As the binary does: adopt an earlier flush_all, then keep looking.
+        let _ = engine.refresh_flush_marker().await; // may be down: tests of outages
+        let upkeep = engine.clone();
+        let upkeep_shutdown = shutdown.clone();
+        tokio::spawn(async move { upkeep.run_upkeep(upkeep_shutdown).await });
         let task = tokio::spawn(server::serve(
             vec![listener.into()],
             engine.clone(),

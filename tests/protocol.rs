@@ -1,0 +1,357 @@
+//! The memcached protocol beyond the basics: conformance with Debian's
+//! memcached 1.6 on the same bytes (compared live), and the commands that
+//! read-modify-write staying atomic across sidecars sharing one table.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{DynamoLocal, McClient, TestServer, WAIT, free_port};
+use dynacache::engine::EngineOptions;
+use dynacache::store::DynamoSettings;
+
+/// Debian's memcached on a loopback port, stopped on drop.
+struct Memcached {
+    addr: SocketAddr,
+    child: Child,
+}
+
+impl Memcached {
+    async fn start() -> Memcached {
+        let port = free_port();
+        let child = Command::new("memcached")
+            // -u is needed when running as root (CI) and ignored otherwise.
+            .args([
+                "-l",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "0",
+                "-u",
+                "root",
+                "-m",
+                "64",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("memcached is installed (scripts/test.sh installs it)");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(Instant::now() < deadline, "memcached never listened");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Memcached { addr, child }
+    }
+}
+
+impl Drop for Memcached {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `request` on a fresh connection and reads everything that comes
+/// back until the server has been quiet for a moment (or closed).
+async fn exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    // Then a marker request whose answer ends the exchange.
+    s.write_all(b"\r\nmn\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    let deadline = Instant::now() + WAIT;
+    while !out.ends_with(b"MN\r\n") {
+        assert!(
+            Instant::now() < deadline,
+            "no end to {:?}",
+            String::from_utf8_lossy(request)
+        );
+        match tokio::time::timeout(WAIT, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// Replaces the cas unique of `VALUE` lines (they differ by design).
+fn without_cas(reply: &[u8]) -> String {
+    String::from_utf8_lossy(reply)
+        .split("\r\n")
+        .map(|line| {
+            let parts: Vec<&str> = line.split(' ').collect();
+            if parts.len() == 5 && parts[0] == "VALUE" {
+                format!("{} {} {} {} <cas>", parts[0], parts[1], parts[2], parts[3])
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_bytes_as_memcached() {
+    let memcached = Memcached::start().await;
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let server = TestServer::start(settings).await;
+    let long_key = "k".repeat(251);
+    let big = vec![b'x'; 2 << 20];
+    // Each case uses keys of its own; cases run in order on both servers.
+    let cases: Vec<Vec<u8>> = vec![
+        // framing and errors
+        b"\r\n".to_vec(),
+        b"bogus\r\n".to_vec(),
+        b"GET a\r\n".to_vec(),
+        b"get\r\n".to_vec(),
+        format!("get a {long_key}\r\n").into_bytes(),
+        format!("set {long_key} 0 0 1\r\nx\r\n").into_bytes(),
+        b"set c1 0 0 3\r\nxyzab\r\n".to_vec(),
+        b"set c2 0 0 3 noreply\r\nxyzab\r\n".to_vec(),
+        b"set c3 0 abc 1\r\nx\r\n".to_vec(),
+        b"set c4 -1 0 1\r\nx\r\n".to_vec(),
+        b"set c5 0 0 -1\r\n".to_vec(),
+        b"set c6 0 0 1 noreply extra\r\nx\r\n".to_vec(),
+        b"set c7 0 0 1 garbage\r\nx\r\nget c7\r\n".to_vec(),
+        b"set  c8  5  0  1\r\nx\r\nget c8 c8\r\n".to_vec(),
+        b"set c9 0 0 0\r\n\r\nget c9\r\n".to_vec(),
+        b"get a\n".to_vec(),
+        [&b"set big 0 0 2097152\r\n"[..], &big, b"\r\nget big\r\n"].concat(),
+        [&b"set big2 0 0 1\r\nx\r\nset big2 0 0 2097152 noreply\r\n"[..], &big, b"\r\nget big2\r\n"].concat(),
+        // storage commands
+        b"set s1 4294967295 0 2\r\nhi\r\nget s1\r\ngets s1\r\n".to_vec(),
+        b"add s2 0 0 1\r\na\r\nadd s2 0 0 1\r\nb\r\nget s2\r\n".to_vec(),
+        b"replace s3 0 0 1\r\nx\r\nset s3 1 0 1\r\nx\r\nreplace s3 2 0 1\r\ny\r\nget s3\r\n".to_vec(),
+        b"append s4 0 0 1\r\nx\r\nprepend s4 0 0 1\r\nx\r\nset s4 5 0 1\r\nb\r\nappend s4 9 0 1\r\nc\r\nprepend s4 9 0 1\r\na\r\nget s4\r\n".to_vec(),
+        b"set s5 0 -1 1\r\nx\r\nget s5\r\nadd s5 0 0 1\r\ny\r\nget s5\r\n".to_vec(),
+        b"cas s6 0 0 1 1\r\nx\r\nset s6 0 0 1\r\nx\r\ncas s6 0 0 1 1\r\ny\r\ncas s6 0 0 1\r\ny\r\ncas s6 0 0 1 abc\r\ny\r\n".to_vec(),
+        b"set s7 0 0 1 noreply\r\nx\r\nget s7\r\n".to_vec(),
+        // delete, touch, gat
+        b"delete d1\r\nset d1 0 0 1\r\nx\r\ndelete d1 0\r\ndelete d1\r\ndelete d1 1\r\ndelete d1 1 noreply\r\ndelete d1 noreply\r\ndelete\r\ndelete d1 b c d\r\n".to_vec(),
+        b"touch t1 10\r\nset t1 0 0 1\r\nx\r\ntouch t1 10\r\ntouch t1 abc\r\ntouch t1 10 20 30\r\ntouch t1 -1\r\nget t1\r\n".to_vec(),
+        b"set g1 3 0 1\r\nx\r\ngat 100 g1 g2\r\ngat\r\ngat 100\r\ngat abc g1\r\ngats 0 g1\r\n".to_vec(),
+        // incr, decr
+        b"incr n1 1\r\nset n1 0 0 2\r\n10\r\nincr n1 5\r\ndecr n1 100\r\nget n1\r\nincr n1 18446744073709551615\r\n".to_vec(),
+        b"set n2 0 0 20\r\n18446744073709551615\r\nincr n2 1\r\nget n2\r\n".to_vec(),
+        b"set n3 0 0 2\r\nab\r\nincr n3 1\r\nincr n3 abc\r\nincr n3 -1\r\nincr n3\r\n".to_vec(),
+        b"set n4 0 0 1\r\n9\r\nincr n4 1\r\nget n4\r\ndecr n4 1 noreply\r\nget n4\r\n".to_vec(),
+        b"set n5 0 0 4\r\n 12 \r\nincr n5 1\r\nincr n5 99999999999999999999\r\n".to_vec(),
+        // operator commands
+        b"verbosity 1\r\nverbosity 1 noreply\r\nverbosity a\r\nverbosity\r\nverbosity 1 2 3\r\n".to_vec(),
+        b"flush_all abc\r\nflush_all 1 2 3\r\n".to_vec(),
+        b"cache_memlimit 100\r\ncache_memlimit abc\r\ncache_memlimit 1\r\ncache_memlimit 100 noreply\r\n".to_vec(),
+        // (stats cachedump lists whichever items each server holds: not compared)
+        b"stats bogus\r\nstats sizes\r\nstats detail on\r\nstats detail dump\r\nstats reset\r\n".to_vec(),
+        b"shutdown\r\n".to_vec(),
+        // flush last: it empties both
+        b"set f1 0 0 1\r\nx\r\nflush_all\r\nget f1\r\nset f1 0 0 1\r\ny\r\nget f1\r\nflush_all noreply\r\nflush_all 0\r\nget f1\r\n".to_vec(),
+    ];
+    let mut differences = Vec::new();
+    for case in &cases {
+        let theirs = without_cas(&exchange(memcached.addr, case).await);
+        let ours = without_cas(&exchange(server.addr, case).await);
+        if theirs != ours {
+            differences.push(format!(
+                "request {:?}\n  memcached: {theirs:?}\n  dynacache: {ours:?}",
+                String::from_utf8_lossy(&case[..case.len().min(120)])
+            ));
+        }
+    }
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+}
+
+/// Two sidecars on one table, `conns` connections each.
+async fn fleet(db: &DynamoLocal, conns: usize) -> (Vec<TestServer>, Vec<McClient>, DynamoSettings) {
+    let settings = db.new_table().await;
+    let mut servers = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let server = TestServer::start(settings.clone()).await;
+        for _ in 0..conns {
+            clients.push(server.client().await);
+        }
+        servers.push(server);
+    }
+    (servers, clients, settings)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increments_from_two_sidecars_add_up() {
+    let db = DynamoLocal::shared().await;
+    let (_servers, mut clients, settings) = fleet(&db, 4).await;
+    assert_eq!(
+        clients[0].call(b"set counter 0 0 1\r\n0\r\n").await,
+        "STORED\r\n"
+    );
+    let per_client = 25;
+    let tasks: Vec<_> = clients
+        .drain(..)
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for _ in 0..per_client {
+                    let reply = c.call(b"incr counter 1\r\n").await;
+                    seen.push(
+                        reply
+                            .trim_end()
+                            .parse::<u64>()
+                            .unwrap_or_else(|_| panic!("{reply:?}")),
+                    );
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut all = BTreeSet::new();
+    for t in tasks {
+        for n in t.await.unwrap() {
+            assert!(all.insert(n), "two increments answered {n}");
+        }
+    }
+    let total = 8 * per_client as u64;
+    assert_eq!(
+        all,
+        (1..=total).collect(),
+        "a serial order: every value once"
+    );
+    let item = common::table_item(&db.client(), &settings, "counter")
+        .await
+        .unwrap();
+    assert_eq!(
+        item["value"].as_b().unwrap().as_ref(),
+        total.to_string().as_bytes()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_from_two_sidecars_are_all_kept() {
+    let db = DynamoLocal::shared().await;
+    let (_servers, mut clients, settings) = fleet(&db, 3).await;
+    assert_eq!(
+        clients[0].call(b"set log 0 0 1\r\n|\r\n").await,
+        "STORED\r\n"
+    );
+    let tasks: Vec<_> = clients
+        .drain(..)
+        .enumerate()
+        .map(|(i, mut c)| {
+            tokio::spawn(async move {
+                for j in 0..15 {
+                    let token = format!("{i:02}{j:02}|");
+                    let req = format!("append log 0 0 {}\r\n{token}\r\n", token.len());
+                    assert_eq!(c.call(req.as_bytes()).await, "STORED\r\n");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // The table is the truth (a sidecar may serve its copy for max_local_age).
+    let item = common::table_item(&db.client(), &settings, "log")
+        .await
+        .unwrap();
+    let value = String::from_utf8(item["value"].as_b().unwrap().as_ref().to_vec()).unwrap();
+    for i in 0..6 {
+        for j in 0..15 {
+            assert_eq!(
+                value.matches(&format!("|{i:02}{j:02}|")).count(),
+                1,
+                "token {i:02}{j:02} in {value}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_cas_from_two_sidecars_has_one_winner_per_round() {
+    let db = DynamoLocal::shared().await;
+    let (_servers, mut clients, _) = fleet(&db, 1).await;
+    assert_eq!(
+        clients[0].call(b"set doc 0 0 1\r\n0\r\n").await,
+        "STORED\r\n"
+    );
+    let mut b = clients.pop().unwrap();
+    let mut a = clients.pop().unwrap();
+    for round in 0..10 {
+        // Both read the same version, then both try to replace it.
+        let unique = |reply: String| {
+            reply
+                .lines()
+                .next()
+                .unwrap()
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let ua = unique(a.call(b"gets doc\r\n").await);
+        let ub = unique(b.call(b"gets doc\r\n").await);
+        assert_eq!(ua, ub, "round {round}: both sidecars see one version");
+        let ra = format!("cas doc 0 0 1 {ua}\r\na\r\n");
+        let rb = format!("cas doc 0 0 1 {ub}\r\nb\r\n");
+        let (ra, rb) = tokio::join!(a.call(ra.as_bytes()), b.call(rb.as_bytes()));
+        let mut replies = [ra, rb];
+        replies.sort();
+        assert_eq!(
+            replies,
+            ["EXISTS\r\n".to_string(), "STORED\r\n".to_string()],
+            "round {round}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_all_reaches_every_sidecar() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let bound = Duration::from_millis(500);
+    let options = EngineOptions {
+        max_local_age: bound,
+        ..EngineOptions::default()
+    };
+    let a = TestServer::start_custom(settings.clone(), 64 << 20, options.clone(), None).await;
+    let b = TestServer::start_custom(settings.clone(), 64 << 20, options, None).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    assert_eq!(ca.call(b"set old 0 0 1\r\nx\r\n").await, "STORED\r\n");
+    assert_eq!(
+        cb.call(b"get old\r\n").await,
+        "VALUE old 0 1\r\nx\r\nEND\r\n"
+    );
+    let flushed = Instant::now();
+    assert_eq!(ca.call(b"flush_all\r\n").await, "OK\r\n");
+    assert_eq!(
+        ca.call(b"get old\r\n").await,
+        "END\r\n",
+        "at once on the flushing sidecar"
+    );
+    // The other sidecar stops serving it within its bound, without a restart.
+    while cb.call(b"get old\r\n").await != "END\r\n" {
+        assert!(
+            flushed.elapsed() < bound * 3,
+            "B still serves the flushed item"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // New writes are served everywhere, and a restarted sidecar respects the flush.
+    assert_eq!(cb.call(b"set new 0 0 1\r\ny\r\n").await, "STORED\r\n");
+    assert_eq!(
+        ca.call(b"get new old\r\n").await,
+        "VALUE new 0 1\r\ny\r\nEND\r\n"
+    );
+    let c = TestServer::start(settings).await;
+    assert_eq!(
+        c.client().await.call(b"get old new\r\n").await,
+        "VALUE new 0 1\r\ny\r\nEND\r\n"
+    );
+}
