@@ -112,16 +112,18 @@ def dynacache_help():
     return out.stdout
 
 
-def init_table(endpoint):
+def init_table(endpoint, table=None, config=None):
     """A new table of the test's own on `endpoint`, created by `dynacache init-table`."""
-    table = "django-" + uuid.uuid4().hex[:12]
-    subprocess.run(
-        [dynacache_bin(), "--endpoint-url", endpoint, "--table", table, "init-table"],
-        env=dynacache_env(),
-        check=True,
-        capture_output=True,
-        timeout=WAIT,
-    )
+    table = table or "django-" + uuid.uuid4().hex[:12]
+    args = [dynacache_bin(), "--endpoint-url", endpoint, "--table", table]
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        if config is not None:
+            f.write(config)
+            f.flush()
+            args += ["--config", f.name]
+        subprocess.run(
+            args + ["init-table"], env=dynacache_env(), check=True, capture_output=True, timeout=WAIT
+        )
     return table
 
 

@@ -106,6 +106,27 @@ def test_session_created_via_one_host_is_readable_via_another(
     assert session_data(dynamodb.session_item(table, key))["count"] == 2
 
 
+def test_a_host_may_serve_its_copy_after_another_host_logged_the_session_out(
+    dynamodb, table, start_dynacache, client_factory
+):
+    """Until max_local_age (issue 4), and within it after: a host that has a session in memory
+    serves it after a logout through another host deleted it from DynamoDB."""
+    a = start_dynacache(dynamodb.endpoint, table)
+    b = start_dynacache(dynamodb.endpoint, table)
+    browser = client_factory()
+    with on(a):
+        key = login(browser, "alice")
+    tab_b = client_factory()
+    tab_b.cookies["sessionid"] = key
+    with on(b):
+        assert page(tab_b) == (200, "user=alice count=0\n")
+    with on(a):
+        assert shows_login(browser.post("/logout/"))
+    assert dynamodb.session_item(table, key) is None
+    with on(b):
+        assert page(tab_b) == (200, "user=alice count=0\n")
+
+
 def test_add_is_atomic_across_hosts(dynamodb, table, start_dynacache):
     """Two hosts `add` one new key at the same moment, many times: exactly one wins each time."""
     a = start_dynacache(dynamodb.endpoint, table)
@@ -305,6 +326,7 @@ def test_outage_strict_engine_serves_cached_sessions_and_fails_loudly(
             assert "Server Error (500)" in r.content.decode()
             assert "sessionid" not in r.cookies, "the session cookie is left alone"
             _assert_logged_server_error(caplog, "GET /")
+            assert "MemcacheServerError: b'dynamodb unreachable: " in caplog.text
 
             # Changing a session needs DynamoDB: HTTP 500, logged...
             caplog.clear()
@@ -345,10 +367,13 @@ def _assert_logged_server_error(caplog, path):
     assert "dynamodb" in caplog.text  # dynacache's SERVER_ERROR message
 
 
-def test_slow_dynamodb_reaches_django_as_a_server_error(start_dynacache, client_factory, caplog):
+@pytest.mark.parametrize("engine", [STRICT_ENGINE, "django.contrib.sessions.backends.cache"])
+def test_slow_dynamodb_reaches_django_as_a_server_error(
+    engine, start_dynacache, client_factory, caplog
+):
     """DynamoDB accepts connections and never answers: dynacache gives up after its
     operation_timeout (3 s), inside the app's pymemcache timeout (5 s), so Django sees
-    SERVER_ERROR rather than a socket timeout."""
+    SERVER_ERROR rather than a socket timeout: as if DynamoDB were down."""
     caplog.set_level(logging.WARNING)
     with socket.socket() as blackhole:
         blackhole.bind(("127.0.0.1", 0))
@@ -357,14 +382,18 @@ def test_slow_dynamodb_reaches_django_as_a_server_error(start_dynacache, client_
         a = start_dynacache(endpoint, "sessions")
         browser = client_factory()
         browser.cookies["sessionid"] = "a" * 32  # a session that host A must read from DynamoDB
-        with override_settings(SESSION_ENGINE=STRICT_ENGINE), on(a):
+        with override_settings(SESSION_ENGINE=engine), on(a):
             started = time.monotonic()
             r = browser.get("/")
             elapsed = time.monotonic() - started
-    assert r.status_code == 500
     assert 2.5 <= elapsed < settings.CACHES["default"]["OPTIONS"]["timeout"], elapsed
-    _assert_logged_server_error(caplog, "GET /")
-    assert "dynamodb timed out" in caplog.text
+    if engine == STRICT_ENGINE:
+        assert r.status_code == 500
+        _assert_logged_server_error(caplog, "GET /")
+        assert "MemcacheServerError: b'dynamodb timed out" in caplog.text
+    else:
+        assert shows_login(r) and r.cookies["sessionid"].value == ""
+        assert not caplog.records
 
 
 # --- dynacache down (restarting) ---------------------------------------------------------
@@ -390,22 +419,51 @@ def test_dynacache_down_fails_loudly_and_recovers_at_once(
         assert page(browser) == (200, "user=alice count=0\n")
 
 
-def test_pymemcache_default_retry_options_turn_a_down_dynacache_into_a_logout(
-    dynamodb, table, start_dynacache, client_factory
+def test_dynacache_down_logs_out_with_the_stock_store(
+    dynamodb, table, start_dynacache, client_factory, caplog
+):
+    caplog.set_level(logging.WARNING)
+    a = start_dynacache(dynamodb.endpoint, table)
+    browser = client_factory()
+    with on(a):
+        login(browser, "carol")
+        a.stop()
+        r = browser.get("/")
+        assert shows_login(r)
+        assert r.cookies["sessionid"].value == "", "the session cookie is deleted"
+        assert not caplog.records, "with nothing in the logs"
+
+
+def test_pymemcache_default_retry_options_turn_a_down_dynacache_into_logouts(
+    dynamodb, table, start_dynacache, client_factory, caplog
 ):
     """Without retry_timeout/dead_timeout 0, pymemcache answers the next read after a
-    connection error with a miss: a logout, even with the strict engine."""
+    connection error with a miss: a logout, even with the strict engine. After a few
+    failures it gives up on the server, and still does once dynacache is back."""
+    caplog.set_level(logging.WARNING)
     options = dict(settings.CACHES["default"]["OPTIONS"])
     del options["retry_timeout"], options["dead_timeout"]
     a = start_dynacache(dynamodb.endpoint, table)
     browser = client_factory()
     with override_settings(SESSION_ENGINE=STRICT_ENGINE), on(a, options=options):
-        login(browser, "bob")
+        key = login(browser, "bob")
         a.stop()
         assert browser.get("/").status_code == 500
         r = browser.get("/")
         assert shows_login(r)
         assert r.cookies["sessionid"].value == "", "the session cookie is deleted"
+
+        def gave_up():
+            browser.cookies["sessionid"] = key  # the cookie as it was
+            browser.get("/")
+            return "All servers seem to be down" in caplog.text
+
+        wait_for("pymemcache to give up on dynacache", gave_up, timeout=10, interval=0.2)
+        a.start()
+        caplog.clear()
+        browser.cookies["sessionid"] = key
+        assert browser.get("/").status_code == 500, "dynacache is back, pymemcache won't ask it"
+        assert "All servers seem to be down" in caplog.text
 
 
 def test_strict_engine_treats_a_malformed_cookie_as_no_session(
@@ -417,6 +475,33 @@ def test_strict_engine_treats_a_malformed_cookie_as_no_session(
     browser.cookies["sessionid"] = "x" * 300  # longer than a memcached key may be
     with override_settings(SESSION_ENGINE=STRICT_ENGINE), on(a):
         assert shows_login(browser.get("/"))
+
+
+# --- coming from django-dynamodb-sessions ----------------------------------------------
+
+
+def test_django_dynamodb_sessions_settings_as_dynacache_config(
+    dynamodb, start_dynacache, client_factory
+):
+    """Its DYNAMODB_SESSIONS_TABLE_NAME, _TABLE_HASH_ATTRIB_NAME and _ALWAYS_CONSISTENT
+    are dynacache's [dynamodb] table, key_attribute and consistent_reads."""
+    table = "sessions-" + uuid.uuid4().hex[:8]
+    config = (
+        f'[dynamodb]\ntable = "{table}"\nkey_attribute = "session_key"\nconsistent_reads = true\n'
+    )
+    init_table(dynamodb.endpoint, table=table, config=config)
+    schema = dynamodb.client.describe_table(TableName=table)["Table"]["KeySchema"]
+    assert schema == [{"AttributeName": "session_key", "KeyType": "HASH"}]
+    a = start_dynacache(dynamodb.endpoint, table, config=config)
+    browser = client_factory()
+    with on(a):
+        key = login(browser, "alice")
+    item = dynamodb.client.get_item(
+        TableName=table,
+        Key={"session_key": {"S": SESSION_ITEM_PREFIX + key}},
+        ConsistentRead=True,
+    )["Item"]
+    assert session_data(item)["_auth_user_id"] == str(user_id("alice"))
 
 
 # --- unix socket ------------------------------------------------------------------------
