@@ -41,3 +41,4 @@ echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --all-targets --locked "$@"
+DYNACACHE_BIN=target/debug/dynacache examples/django/test.sh
