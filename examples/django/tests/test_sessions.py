@@ -106,27 +106,6 @@ def test_session_created_via_one_host_is_readable_via_another(
     assert session_data(dynamodb.session_item(table, key))["count"] == 2
 
 
-def test_a_host_may_serve_its_copy_after_another_host_logged_the_session_out(
-    dynamodb, table, start_dynacache, client_factory
-):
-    """Until max_local_age (issue 4), and within it after: a host that has a session in memory
-    serves it after a logout through another host deleted it from DynamoDB."""
-    a = start_dynacache(dynamodb.endpoint, table)
-    b = start_dynacache(dynamodb.endpoint, table)
-    browser = client_factory()
-    with on(a):
-        key = login(browser, "alice")
-    tab_b = client_factory()
-    tab_b.cookies["sessionid"] = key
-    with on(b):
-        assert page(tab_b) == (200, "user=alice count=0\n")
-    with on(a):
-        assert shows_login(browser.post("/logout/"))
-    assert dynamodb.session_item(table, key) is None
-    with on(b):
-        assert page(tab_b) == (200, "user=alice count=0\n")
-
-
 def test_add_is_atomic_across_hosts(dynamodb, table, start_dynacache):
     """Two hosts `add` one new key at the same moment, many times: exactly one wins each time."""
     a = start_dynacache(dynamodb.endpoint, table)
@@ -216,10 +195,6 @@ def test_concurrent_session_creation_gives_distinct_keys(dynamodb, table, start_
         assert session_data(dynamodb.session_item(table, key)) == {"made_by": maker}
 
 
-@pytest.mark.skipif(
-    os.environ.get("DYNACACHE_HAS_MAX_LOCAL_AGE") != "1",
-    reason="needs max_local_age (issue 4)",
-)
 def test_logout_via_one_host_stops_the_other_within_max_local_age(
     dynamodb, table, start_dynacache, client_factory
 ):
