@@ -113,6 +113,11 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<'a> {
         Err(_) => return incomplete_line(buf, limits),
     };
     let line_len = buf.len() - after_line.len();
+    // The same bound whether the newline came in this read or a later one,
+    // so the answer does not depend on how the bytes were split.
+    if line_len > limits.max_line && !is_retrieval(buf) || line_len > limits.max_get_line {
+        return Parsed::LineTooLong;
+    }
 
     // Split off the command name; the rest is tokenized per command.
     let mut tokens = Tokens::new(line);
@@ -179,12 +184,16 @@ fn incomplete_line<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<'a> {
     if buf.len() <= limits.max_line {
         return Parsed::Incomplete;
     }
-    let retrieval = buf.starts_with(b"get ") || buf.starts_with(b"gets ");
-    if retrieval && buf.len() <= limits.max_get_line {
+    if is_retrieval(buf) && buf.len() <= limits.max_get_line {
         Parsed::Incomplete
     } else {
         Parsed::LineTooLong
     }
+}
+
+/// `get`/`gets` lines may be long: multi-gets of hundreds of keys are normal.
+fn is_retrieval(buf: &[u8]) -> bool {
+    buf.starts_with(b"get ") || buf.starts_with(b"gets ")
 }
 
 fn invalid(reply: Reply<'static>, len: usize, noreply: bool) -> Parsed<'static> {
@@ -752,6 +761,10 @@ mod tests {
         let huge = [b"get ".as_slice(), &vec![b'a'; 300 * 1024]].concat();
         assert_eq!(p(&huge), Parsed::LineTooLong);
         assert_eq!(p(&junk[..2048]), Parsed::Incomplete);
+        // With or without its newline yet, a long line gets one answer.
+        let mut line = junk.clone();
+        line.extend_from_slice(b"\r\n");
+        assert_eq!(p(&line), Parsed::LineTooLong);
     }
 
     #[test]
