@@ -355,3 +355,24 @@ async fn stopped_dynamodb_serves_hits_and_fails_the_rest_loudly() {
     assert!(reply.starts_with("SERVER_ERROR "), "{reply}");
     still_serving(&mut c).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_item_is_a_server_error_not_a_miss() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    // Written by something else, with a number where the value belongs.
+    db.client()
+        .put_item()
+        .table_name(&settings.table)
+        .item("key", AttributeValue::S("odd".into()))
+        .item("value", AttributeValue::N("5".into()))
+        .send()
+        .await
+        .unwrap();
+    let server = TestServer::start(settings).await;
+    let mut c = server.client().await;
+    assert_eq!(
+        c.call(b"get odd\r\n").await,
+        "SERVER_ERROR bad item in table: attribute value has the wrong type\r\n"
+    );
+}

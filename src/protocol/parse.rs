@@ -872,6 +872,14 @@ mod tests {
             Parsed::Request(Command::Stats(StatsGroup::Detail { dump: true }), 19)
         );
         assert_eq!(p(b"stats bogus\r\n"), invalid(Reply::Error, 13, false));
+        assert_eq!(
+            p(b"stats detail\r\n"),
+            invalid(
+                Reply::ClientError("usage: stats detail on|off|dump"),
+                14,
+                false
+            )
+        );
         assert_eq!(p(b"verbosity\r\n"), invalid(Reply::Error, 11, false));
         assert_eq!(p(b"verbosity a\r\n"), invalid(BAD_FORMAT, 13, false));
         assert_eq!(
