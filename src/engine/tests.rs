@@ -452,3 +452,20 @@ async fn operator_commands() {
     );
     assert_eq!(run(&e, b"mn\r\n", NOW).await, "MN\r\n");
 }
+
+#[tokio::test]
+async fn endless_races_end_in_a_server_error() {
+    let e = engine();
+    run(&e, b"set n 0 0 1\r\n1\r\n", NOW).await;
+    e.store().set_interfering(true);
+    assert_eq!(
+        run(&e, b"incr n 1\r\n", NOW).await,
+        "SERVER_ERROR too much contention on this key, try again\r\n"
+    );
+    assert!(
+        e.cache().get(b"n", NOW).is_none(),
+        "the outcome is unknown: not cached"
+    );
+    e.store().set_interfering(false);
+    assert_eq!(run(&e, b"incr n 1\r\n", NOW).await, "2\r\n");
+}

@@ -14,6 +14,9 @@ pub struct MemoryStore {
     failing: AtomicBool,
     calls: AtomicU64,
     flush_marker: AtomicU64,
+    /// While set, another writer changes an item just before every
+    /// version-conditioned put of it, so those puts always lose the race.
+    interfering: AtomicBool,
 }
 
 impl MemoryStore {
@@ -24,6 +27,11 @@ impl MemoryStore {
     /// Makes every later call fail (true) or succeed again (false).
     pub fn set_failing(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Makes every version-conditioned put lose to a simulated other writer.
+    pub fn set_interfering(&self, interfering: bool) {
+        self.interfering.store(interfering, Ordering::SeqCst);
     }
 
     /// Calls made so far, failed ones included.
@@ -72,6 +80,12 @@ impl Store for MemoryStore {
         view: View,
     ) -> Result<PutResult, StoreError> {
         let mut items = self.enter()?;
+        if let PutCondition::Version(_) = condition
+            && self.interfering.load(Ordering::SeqCst)
+            && let Some(item) = items.get_mut(key)
+        {
+            item.version += 1;
+        }
         let current = items.get(key).filter(|i| i.is_live(view)).cloned();
         let holds = match condition {
             PutCondition::Always => true,
