@@ -312,6 +312,13 @@ impl McClient {
                 reply.extend_from_slice(&data);
                 continue;
             }
+            // A meta `VA <len> <flags>*` line: its value follows, and ends the reply.
+            if let Some(header) = line.strip_prefix(b"VA ") {
+                let text = String::from_utf8_lossy(header);
+                let len: usize = text.split(' ').next().unwrap().trim_end().parse().unwrap();
+                let data = self.exactly(len + 2).await;
+                reply.extend_from_slice(&data);
+            }
             return String::from_utf8_lossy(&reply).into_owned();
         }
     }
