@@ -378,3 +378,143 @@ pub fn decode_base64(input: &[u8]) -> Option<Vec<u8>> {
     }
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::parse;
+
+    fn p(buf: &[u8]) -> Parsed<'_> {
+        parse(buf, &Limits::default())
+    }
+
+    fn meta_of(parsed: Parsed<'_>) -> (Meta<'_>, usize) {
+        match parsed {
+            Parsed::Request(Command::Meta(meta), len) => (meta, len),
+            other => panic!("not a meta request: {other:?}"),
+        }
+    }
+
+    fn err(msg: &'static str, len: usize) -> Parsed<'static> {
+        invalid(Reply::ClientError(msg), len, false)
+    }
+
+    #[test]
+    fn mg_flags_keep_their_order() {
+        let (m, len) = meta_of(p(b"mg k v f s k c t O123 q h l\r\n"));
+        assert_eq!(len, 29);
+        assert_eq!(m.cmd, MetaCmd::Get);
+        assert_eq!(&m.key[..], b"k");
+        assert!(matches!(m.key, Cow::Borrowed(_)), "no allocation");
+        assert_eq!(m.flags.echo(), b"fskctO");
+        assert_eq!(m.flags.opaque, b"123");
+        assert!(m.flags.value && m.flags.quiet && !m.flags.base64);
+        let (m, _) = meta_of(p(b"mg k T30 N-1 R+5\r\n"));
+        assert_eq!(
+            (m.flags.ttl, m.flags.vivify, m.flags.recache),
+            (Some(30), Some(-1), Some(5))
+        );
+    }
+
+    #[test]
+    fn flag_errors() {
+        assert_eq!(p(b"mg k v v\r\n"), err("duplicate flag", 10));
+        assert_eq!(p(b"mg k x\r\n"), err("invalid flag", 8));
+        assert_eq!(p(b"mg k noreply\r\n"), err("invalid flag", 14));
+        assert_eq!(p(b"mg k E5\r\n"), err("invalid flag", 9));
+        assert_eq!(p(b"mg k T\r\n"), err("bad token in command line format", 8));
+        // A later hard error wins over an earlier bad number.
+        assert_eq!(p(b"mg k T x\r\n"), err("invalid flag", 10));
+        let long = format!("mg k O{}\r\n", "1".repeat(32));
+        assert_eq!(p(long.as_bytes()), err("opaque token too long", long.len()));
+        assert_eq!(p(b"md k x\r\n"), err("invalid or duplicate flag", 8));
+        assert_eq!(p(b"ma k D-1\r\n"), err("invalid or duplicate flag", 10));
+        assert_eq!(p(b"ma k Mi\r\n"), err("invalid mode for ma M token", 9));
+        assert_eq!(p(b"mg\r\n"), invalid(Reply::Error, 4, false));
+        assert_eq!(p(b"me\r\n"), invalid(BAD_FORMAT, 4, false));
+        let key = format!("md {}\r\n", "k".repeat(251));
+        assert_eq!(p(key.as_bytes()), invalid(BAD_FORMAT, key.len(), false));
+    }
+
+    #[test]
+    fn ms_reads_length_flags_and_data() {
+        let buf = b"ms k 2 T100 F4294967297 c k O1 MA C9 I\r\nhi\r\nmn\r\n";
+        let (m, len) = meta_of(p(buf));
+        assert_eq!(len, buf.len() - 4);
+        assert_eq!(m.data, b"hi");
+        let f = m.flags;
+        assert_eq!(
+            (f.ttl, f.client_flags, f.mode, f.cas, f.invalidate),
+            (Some(100), 1, Some(MetaMode::Append), Some(9), true)
+        );
+        assert_eq!(f.echo(), b"ckO");
+        assert_eq!(p(b"ms k 2 c\r\nh"), Parsed::Incomplete);
+    }
+
+    #[test]
+    fn ms_errors_swallow_the_data_unless_the_line_is_bad() {
+        // Bad line: the data line is then read as a command.
+        assert_eq!(p(b"ms k\r\n"), invalid(BAD_FORMAT, 6, false));
+        assert_eq!(p(b"ms k abc\r\nhi\r\n"), invalid(BAD_FORMAT, 10, false));
+        assert_eq!(p(b"ms k -1\r\n"), invalid(BAD_FORMAT, 9, false));
+        // Bad flags: `<len> + 2` bytes are swallowed.
+        assert_eq!(p(b"ms k 2 x\r\nhi\r\n"), err("invalid flag", 14));
+        assert_eq!(p(b"ms k 3 x\r\nabcde\r\n"), err("invalid flag", 15));
+        assert_eq!(
+            p(b"ms k 2 MX\r\nhi\r\n"),
+            err("invalid mode for ms M token", 15)
+        );
+        assert_eq!(
+            p(b"ms k 2 M\r\nhi\r\n"),
+            err("incorrect length for M token", 14)
+        );
+        assert_eq!(
+            p(b"ms k 2 Fabc\r\nhi\r\n"),
+            err("bad command line format", 17)
+        );
+        assert_eq!(p(b"ms k 2 b\r\nhi\r\n"), err("error decoding key", 14));
+        assert_eq!(p(b"ms k 3\r\nabcde\r\n"), err("bad data chunk", 13));
+    }
+
+    #[test]
+    fn ms_too_large_is_discarded() {
+        let limits = Limits {
+            item_size_max: 100,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            parse(b"ms k 100 T0\r\n", &limits),
+            Parsed::TooLarge {
+                key: b"k",
+                len: 13,
+                discard: 102,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn base64_keys() {
+        let (m, _) = meta_of(p(b"ms bTEw 2 b k\r\nhi\r\n"));
+        assert_eq!((&m.key[..], m.key_token), (&b"m10"[..], &b"bTEw"[..]));
+        let (m, _) = meta_of(p(b"me YTE= b\r\n"));
+        assert_eq!(&m.key[..], b"a1");
+        assert_eq!(p(b"md m10 b\r\n"), err("invalid or duplicate flag", 10));
+        assert_eq!(decode_base64(b"AAECAw=="), Some(vec![0, 1, 2, 3]));
+        assert_eq!(decode_base64(b"YQ=="), Some(b"a".to_vec()));
+        for bad in [&b"d1"[..], b"!!!!", b"Y===", b"YQ==YQ==", b""] {
+            assert_eq!(decode_base64(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ma_defaults_and_modes() {
+        let (m, _) = meta_of(p(b"ma k\r\n"));
+        assert_eq!((m.flags.delta, m.flags.mode), (1, None));
+        let (m, _) = meta_of(p(b"ma k M- D7 N0 J5\r\n"));
+        assert_eq!(
+            (m.flags.delta, m.flags.mode, m.flags.vivify, m.flags.initial),
+            (7, Some(MetaMode::Decr), Some(0), 5)
+        );
+    }
+}
