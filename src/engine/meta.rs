@@ -49,9 +49,14 @@ impl<S: Store> Engine<S> {
             Some(ttl) => {
                 bump(&self.stats.cmd_touch);
                 let item = self.touch_item(key, expiry(ttl, view.now), view).await?;
+                bump(&self.stats.cmd_get);
                 bump(match item {
                     Some(_) => &self.stats.touch_hits,
                     None => &self.stats.touch_misses,
+                });
+                bump(match item {
+                    Some(_) => &self.stats.get_hits,
+                    None => &self.stats.get_misses,
                 });
                 item.map(Value::Stored)
             }
@@ -212,9 +217,9 @@ impl<S: Store> Engine<S> {
                     size: item.value.len(),
                     ttl: ttl_left(item.expires_at, view.now),
                 };
-                let text = itoa::Buffer::new().format(number).to_owned();
+                let mut text = itoa::Buffer::new();
                 let (code, data) = if flags.value {
-                    (MetaCode::Va, text.as_bytes())
+                    (MetaCode::Va, text.format(number).as_bytes())
                 } else {
                     (MetaCode::Hd, &b""[..])
                 };
@@ -239,7 +244,9 @@ impl<S: Store> Engine<S> {
         };
         let mut num = itoa::Buffer::new();
         out.extend_from_slice(b"ME ");
-        out.extend_from_slice(key);
+        // A binary key is shown as sent (base64), as memcached shows keys stored with `b`.
+        let printable = key.iter().all(|&b| b.is_ascii_graphic());
+        out.extend_from_slice(if printable { key } else { meta.key_token });
         out.extend_from_slice(b" exp=");
         out.extend_from_slice(
             num.format(ttl_left(value.expires_at(), view.now))
