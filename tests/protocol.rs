@@ -158,7 +158,7 @@ async fn same_bytes_as_memcached() {
         b"set n4 0 0 1\r\n9\r\nincr n4 1\r\nget n4\r\ndecr n4 1 noreply\r\nget n4\r\n".to_vec(),
         b"set n5 0 0 4\r\n 12 \r\nincr n5 1\r\nincr n5 99999999999999999999\r\n".to_vec(),
         // meta commands
-        b"mg m1 v\r\nmg m1\r\nmg m1 k O9 q\r\nmg m1 k O9 v c\r\nmn x\r\n".to_vec(),
+        b"mg m1 v\r\nmg m1\r\nmg m1 k O9 q\r\nmg m1 k O9 v c\r\n".to_vec(),
         b"ms m2 2 T0 F5\r\nhi\r\nmg m2 v f s k c t O123 q\r\nmg m2\r\nmg m2 q\r\nmg m2 s q k\r\nmg m2 O\r\n".to_vec(),
         b"mg m3 v v\r\nmg m3 x\r\nmg m3 noreply\r\nmg m3 T\r\nmg m3 Tabc\r\nmg m3 Nabc\r\nmg m3 E5\r\nmg\r\nmg m3 O1 v O2\r\nmg m3 O123456789012345678901234567890123456789\r\n".to_vec(),
         format!("mg {long_key} v\r\nms {long_key} 2\r\nhi\r\nmd {long_key}\r\nma {long_key}\r\n").into_bytes(),
@@ -176,6 +176,11 @@ async fn same_bytes_as_memcached() {
         b"ma a3 q N0 v\r\nma a4 q N0\r\nma a5 N100 J5 v t\r\nma a5 N100 J5 v t\r\nma a6 J5 v\r\nma a5 s f v\r\nma a5 T50 t v\r\nma a5 C1 v\r\n".to_vec(),
         b"ms a7 2\r\nab\r\nma a7\r\nma a7 q\r\nms a8 2\r\n10\r\nma a8 MD D9 v\r\nmg a8 v s\r\nma a8 MD D9 v\r\nma a9 N0 J18446744073709551615 v\r\nma a9 v\r\n".to_vec(),
         b"me\r\nme nope\r\nme bm9wZQ== b\r\nme nope v\r\n".to_vec(),
+        // (after a W, memcached answers Z to the others: not kept, see the README)
+        b"mg v1 N30 v c t s\r\nmg v2 N30 T10 t\r\nmg v3 N30 q k\r\nmg v4 N0 q\r\n".to_vec(),
+        b"ma v7 N100 T5 J1 t v\r\nma v7 N100 T5 J1 t v\r\nma v8 N100 J1 t v\r\nmg v9 N100 k s f t O1 v\r\n".to_vec(),
+        b"ms v5 2 T10\r\nhi\r\nmg v5 T30 t v\r\nmg v5 t\r\nmg v5 T0 t\r\nmg v6 T30 v\r\nmg v6 T30 q v\r\n".to_vec(),
+        [&b"ms big3 1\r\nx\r\nms big3 2097152 T0\r\n"[..], &big, b"\r\nmg big3 v\r\nms big4 2097152 q\r\n", &big, b"\r\nmg big4 v\r\n"].concat(),
         // operator commands
         b"verbosity 1\r\nverbosity 1 noreply\r\nverbosity a\r\nverbosity\r\nverbosity 1 2 3\r\n".to_vec(),
         b"flush_all abc\r\nflush_all 1 2 3\r\n".to_vec(),

@@ -67,7 +67,9 @@ impl<S: Store> Engine<S> {
             && let Some(ttl) = flags.vivify
         {
             // Vivify: an empty item, created only if the key is still
-            // absent; its creator is told it won (`W`).
+            // absent; its creator is told it won (`W`). memcached then
+            // applies `T`, so `T` wins over `N` for the new item's TTL.
+            let ttl = flags.ttl.unwrap_or(ttl);
             match self
                 .store_inner(StoreMode::Add, None, key, 0, ttl, b"", view)
                 .await?
@@ -199,6 +201,8 @@ impl<S: Store> Engine<S> {
                         self.meta_reply(out, meta, MetaCode::Nf, KEY_OPAQUE, None, b"", false);
                         return Ok(Outcome::NotFound);
                     };
+                    // As for mg, `T` wins over `N` for the new item's TTL.
+                    let ttl = flags.ttl.unwrap_or(ttl);
                     let initial = flags.initial.to_string();
                     match self
                         .store_inner(StoreMode::Add, None, key, 0, ttl, initial.as_bytes(), view)
