@@ -83,14 +83,25 @@ async fn exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Replaces the cas unique of `VALUE` lines (they differ by design).
+/// Replaces the cas uniques of `VALUE` lines and of meta replies' `c`
+/// return flags (they differ by design; `c0`, a failed `ms`, stays).
 fn without_cas(reply: &[u8]) -> String {
+    const META: [&str; 6] = ["VA", "HD", "EN", "NS", "EX", "NF"];
     String::from_utf8_lossy(reply)
         .split("\r\n")
         .map(|line| {
             let parts: Vec<&str> = line.split(' ').collect();
             if parts.len() == 5 && parts[0] == "VALUE" {
                 format!("{} {} {} {} <cas>", parts[0], parts[1], parts[2], parts[3])
+            } else if META.contains(&parts[0]) {
+                parts
+                    .iter()
+                    .map(|p| match p.strip_prefix('c') {
+                        Some(n) if n != "0" && n.bytes().all(|b| b.is_ascii_digit()) => "c<cas>",
+                        _ => p,
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
             } else {
                 line.to_string()
             }
@@ -146,6 +157,30 @@ async fn same_bytes_as_memcached() {
         b"set n3 0 0 2\r\nab\r\nincr n3 1\r\nincr n3 abc\r\nincr n3 -1\r\nincr n3\r\n".to_vec(),
         b"set n4 0 0 1\r\n9\r\nincr n4 1\r\nget n4\r\ndecr n4 1 noreply\r\nget n4\r\n".to_vec(),
         b"set n5 0 0 4\r\n 12 \r\nincr n5 1\r\nincr n5 99999999999999999999\r\n".to_vec(),
+        // meta commands
+        b"mg m1 v\r\nmg m1\r\nmg m1 k O9 q\r\nmg m1 k O9 v c\r\n".to_vec(),
+        b"ms m2 2 T0 F5\r\nhi\r\nmg m2 v f s k c t O123 q\r\nmg m2\r\nmg m2 q\r\nmg m2 s q k\r\nmg m2 O\r\n".to_vec(),
+        b"mg m3 v v\r\nmg m3 x\r\nmg m3 noreply\r\nmg m3 T\r\nmg m3 Tabc\r\nmg m3 Nabc\r\nmg m3 E5\r\nmg\r\nmg m3 O1 v O2\r\nmg m3 O123456789012345678901234567890123456789\r\n".to_vec(),
+        format!("mg {long_key} v\r\nms {long_key} 2\r\nhi\r\nmd {long_key}\r\nma {long_key}\r\n").into_bytes(),
+        b"ms m4 2 c k O1 T100 F3\r\nhi\r\nmg m4 t f s v\r\nms m4 2 q\r\nhi\r\nms m4 2 k s f t v h\r\nho\r\nmg m4 v\r\n".to_vec(),
+        b"ms m5\r\nms m5 abc\r\nhi\r\nms m5 -1\r\nms m5 2 x\r\nhi\r\nms m5 3\r\nabcde\r\nms m5 3 x\r\nabcde\r\nms\r\n".to_vec(),
+        b"ms m6 2 T\r\nhi\r\nms m6 2 Fabc\r\nhi\r\nms m6 2 F-1\r\nhi\r\nms m6 2 C\r\nhi\r\nms m6 2 S2\r\nhi\r\nms m6 2 T1 T2\r\nhi\r\nms m6 2 MX\r\nhi\r\nms m6 2 Ms\r\nhi\r\nms m6 2 M\r\nhi\r\nms m6 2 MSS\r\nhi\r\nms m6 2 E1\r\nhi\r\n".to_vec(),
+        b"ms m7 2 ME\r\nhi\r\nms m7 2 ME k O1 c\r\nho\r\nmg m7 v\r\nms m7 1 MA\r\nx\r\nms m7 1 MP\r\ny\r\nmg m7 v\r\nms m7 2 MR\r\nzz\r\nmg m7 v\r\n".to_vec(),
+        b"ms m8 2 MR O1 c k\r\nzz\r\nms m8 2 MA\r\nzz\r\nms m8 2 MP N100\r\nzz\r\nmg m8 v\r\nms m8 2 C1\r\nhi\r\nms m8 2 MS\r\nhi\r\nms m8 2 C1 c k O1\r\nhi\r\nms m8 2 C1 q\r\nhi\r\nms m8 2 ME q\r\nhi\r\n".to_vec(),
+        b"ms m9 2 F4294967296\r\nhi\r\nmg m9 f\r\nms m9 2 F4294967295\r\nhi\r\nmg m9 f\r\nms m9 2 T-1\r\nhi\r\nmg m9 v\r\nms m9  02   O\r\nhi\r\nms m9 0\r\n\r\nmg m9 v s\r\n".to_vec(),
+        b"ms bTEw 2 b k c\r\nhi\r\nmg bTEw b k v\r\nmg m10 v\r\nmg !!! b v\r\nms m10 2 b\r\nhi\r\nmd bTEw b k\r\nmd m10 b\r\n".to_vec(),
+        b"md d1\r\nmd d1 q\r\nms d1 1\r\nx\r\nmd d1 k O5 c\r\nms d1 1\r\nx\r\nmd d1 q k\r\nmg d1 v\r\nmd d1 C1 O1 k\r\nms d1 1\r\nx\r\nmd d1 C1\r\nmd d1 q C1\r\nmg d1 v\r\n".to_vec(),
+        b"md d2 x\r\nmd d2 E5\r\nmd d2 T\r\nmd d2 v\r\nmd d2 s\r\nmd\r\n".to_vec(),
+        b"ma a1\r\nma a1 q\r\nma a1 O1 k t c v\r\nma a1 N0 J10\r\nma a1 v\r\nma a1 MD D3 v\r\nma a1 t v k O2\r\nma a1 M- v\r\nma a1 M+ v\r\nma a1 MI v\r\nma a1 q v\r\nma a1 q\r\nmg a1 v\r\n".to_vec(),
+        b"ma a2 Md v\r\nma a2 Mi\r\nma a2 M v\r\nma a2 D v\r\nma a2 Dabc\r\nma a2 D-1\r\nma a2 x\r\nma a2 E99\r\nma a2 N0 Jx\r\nma\r\n".to_vec(),
+        b"ma a3 q N0 v\r\nma a4 q N0\r\nma a5 N100 J5 v t\r\nma a5 N100 J5 v t\r\nma a6 J5 v\r\nma a5 s f v\r\nma a5 T50 t v\r\nma a5 C1 v\r\n".to_vec(),
+        b"ms a7 2\r\nab\r\nma a7\r\nma a7 q\r\nms a8 2\r\n10\r\nma a8 MD D9 v\r\nmg a8 v s\r\nma a8 MD D9 v\r\nma a9 N0 J18446744073709551615 v\r\nma a9 v\r\n".to_vec(),
+        b"me\r\nme nope\r\nme bm9wZQ== b\r\nme nope v\r\n".to_vec(),
+        // (after a W, memcached answers Z to the others: not kept, see the README)
+        b"mg v1 N30 v c t s\r\nmg v2 N30 T10 t\r\nmg v3 N30 q k\r\nmg v4 N0 q\r\n".to_vec(),
+        b"ma v7 N100 T5 J1 t v\r\nma v7 N100 T5 J1 t v\r\nma v8 N100 J1 t v\r\nmg v9 N100 k s f t O1 v\r\n".to_vec(),
+        b"ms v5 2 T10\r\nhi\r\nmg v5 T30 t v\r\nmg v5 t\r\nmg v5 T0 t\r\nmg v6 T30 v\r\nmg v6 T30 q v\r\n".to_vec(),
+        [&b"ms big3 1\r\nx\r\nms big3 2097152 T0\r\n"[..], &big, b"\r\nmg big3 v\r\nms big4 2097152 q\r\n", &big, b"\r\nmg big4 v\r\n"].concat(),
         // operator commands
         b"verbosity 1\r\nverbosity 1 noreply\r\nverbosity a\r\nverbosity\r\nverbosity 1 2 3\r\n".to_vec(),
         b"flush_all abc\r\nflush_all 1 2 3\r\n".to_vec(),
@@ -354,4 +389,73 @@ async fn flush_all_reaches_every_sidecar() {
         c.client().await.call(b"get old new\r\n").await,
         "VALUE new 0 1\r\ny\r\nEND\r\n"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_increments_from_two_sidecars_add_up() {
+    let db = DynamoLocal::shared().await;
+    let (_servers, mut clients, settings) = fleet(&db, 3).await;
+    let per_client = 20;
+    // Every client vivifies the counter at 0 if absent: exactly one creates it.
+    let tasks: Vec<_> = clients
+        .drain(..)
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for _ in 0..per_client {
+                    let reply = c.call(b"ma mcounter N0 J0 v\r\n").await;
+                    let mut lines = reply.split("\r\n");
+                    assert!(lines.next().unwrap().starts_with("VA "), "{reply:?}");
+                    seen.push(lines.next().unwrap().parse::<u64>().unwrap());
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort();
+    let total = 6 * per_client as u64;
+    // One vivify answered 0 (the initial value); every other call incremented.
+    assert_eq!(all, (0..total).collect::<Vec<_>>(), "a serial order");
+    let item = common::table_item(&db.client(), &settings, "mcounter")
+        .await
+        .unwrap();
+    assert_eq!(
+        item["value"].as_b().unwrap().as_ref(),
+        (total - 1).to_string().as_bytes()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_meta_cas_from_two_sidecars_has_one_winner_per_round() {
+    let db = DynamoLocal::shared().await;
+    let (_servers, mut clients, _) = fleet(&db, 1).await;
+    assert_eq!(clients[0].call(b"ms mdoc 1\r\n0\r\n").await, "HD\r\n");
+    let mut b = clients.pop().unwrap();
+    let mut a = clients.pop().unwrap();
+    for round in 0..10 {
+        let cas = |reply: String| reply.trim_end().trim_start_matches("HD c").to_string();
+        // Both race on the version one of them read.
+        let ca = cas(a.call(b"mg mdoc c\r\n").await);
+        let cb = ca.clone();
+        let ra = format!("ms mdoc 1 C{ca}\r\na\r\n");
+        let rb = format!("md mdoc C{cb}\r\n");
+        let (ra, rb) = tokio::join!(a.call(ra.as_bytes()), b.call(rb.as_bytes()));
+        // One of the set and the delete wins; the other sees the change.
+        let mut replies = [ra.clone(), rb.clone()];
+        replies.sort();
+        assert!(
+            replies == ["EX\r\n", "HD\r\n"] || replies == ["HD\r\n", "NF\r\n"],
+            "round {round}: {ra:?} {rb:?}"
+        );
+        let again = if ra == "HD\r\n" {
+            "ms mdoc 1\r\n1\r\n"
+        } else {
+            "ms mdoc 1\r\n2\r\n"
+        };
+        assert_eq!(a.call(again.as_bytes()).await, "HD\r\n");
+    }
 }

@@ -20,6 +20,11 @@ fn check(cmd: &Command<'_>) {
         | Command::Delete { key, .. }
         | Command::Touch { key, .. }
         | Command::Arith { key, .. } => check_key(key),
+        Command::Meta(meta) => {
+            // As sent (base64 with `b`), and as used.
+            assert!(!meta.key_token.is_empty() && !meta.key_token.contains(&b' '));
+            assert!(!meta.key.is_empty() && meta.key.len() <= KEY_MAX_LEN);
+        }
         _ => {}
     }
 }
@@ -38,6 +43,9 @@ fuzz_target!(|data: &[u8]| {
                 check(&cmd);
                 if let Command::Store { data, key, .. } = &cmd {
                     assert!(key.len() + data.len() <= limits.item_size_max);
+                }
+                if let Command::Meta(meta) = &cmd {
+                    assert!(meta.key.len() + meta.data.len() <= limits.item_size_max);
                 }
                 // Streaming: one byte less is never a different answer.
                 assert_eq!(parse(&rest[..len - 1], &limits), Parsed::Incomplete);

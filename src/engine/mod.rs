@@ -22,6 +22,7 @@
 
 mod admin;
 mod clock;
+mod meta;
 mod read;
 mod stats;
 mod write;
@@ -203,6 +204,7 @@ impl<S: Store> Engine<S> {
                 Reply::Line("ERROR: shutdown not enabled").encode(out);
                 Outcome::ClientError
             }
+            Command::Meta(meta) => self.meta(meta, out, view).await,
             Command::MetaNoop => {
                 Reply::Line("MN").encode(out);
                 Outcome::Ok

@@ -117,6 +117,36 @@ impl<S: Store> Engine<S> {
         if all_hit { Outcome::Hit } else { Outcome::Miss }
     }
 
+    /// One key through the get path (cache, `max_local_age`, coalesced
+    /// store read, stale copy on a failed re-read if allowed): `mg`, `me`.
+    pub(super) async fn lookup(&self, key: &[u8], view: View) -> Result<Option<Value>, StoreError> {
+        let lookup = self.fresh(key, view, self.now_ms());
+        let found = match lookup {
+            Lookup::Fresh(entry) => {
+                self.metrics.hits.increment(1);
+                Some(Value::Cached(entry))
+            }
+            other => match self.fetch(&[key], view).await {
+                Ok(mut items) => {
+                    self.metrics.misses.increment(1);
+                    items.pop().flatten().map(Value::Stored)
+                }
+                Err(e) => match other {
+                    Lookup::Aged(entry) if self.options.stale_on_error => {
+                        self.metrics.stale_served.increment(1);
+                        Some(Value::Cached(entry))
+                    }
+                    _ => return Err(e),
+                },
+            },
+        };
+        bump(match found {
+            Some(_) => &self.stats.get_hits,
+            None => &self.stats.get_misses,
+        });
+        Ok(found)
+    }
+
     /// What the cache can do for `key`: a fresh entry, one past
     /// `max_local_age` (to re-read, kept as a fallback), or nothing.
     fn fresh(&self, key: &[u8], view: View, now_ms: u64) -> Lookup {
@@ -270,20 +300,34 @@ enum Lookup {
 }
 
 /// A value to answer with, from the cache or just read from the store.
-enum Value {
+pub(super) enum Value {
     Cached(Entry),
     Stored(StoredItem),
 }
 
 impl Value {
-    fn bytes(&self) -> &[u8] {
+    pub(super) fn flags(&self) -> u32 {
+        match self {
+            Value::Cached(e) => e.flags,
+            Value::Stored(i) => i.flags,
+        }
+    }
+
+    pub(super) fn expires_at(&self) -> u32 {
+        match self {
+            Value::Cached(e) => e.expires_at,
+            Value::Stored(i) => i.expires_at,
+        }
+    }
+
+    pub(super) fn bytes(&self) -> &[u8] {
         match self {
             Value::Cached(e) => e.value(),
             Value::Stored(i) => &i.value,
         }
     }
 
-    fn version(&self) -> u64 {
+    pub(super) fn version(&self) -> u64 {
         match self {
             Value::Cached(e) => e.version,
             Value::Stored(i) => i.version,

@@ -469,3 +469,128 @@ async fn endless_races_end_in_a_server_error() {
     e.store().set_interfering(false);
     assert_eq!(run(&e, b"incr n 1\r\n", NOW).await, "2\r\n");
 }
+
+#[tokio::test]
+async fn meta_get_and_set() {
+    let e = engine();
+    assert_eq!(run(&e, b"mg k v\r\n", NOW).await, "EN\r\n");
+    assert_eq!(run(&e, b"mg k v q k\r\n", NOW).await, "");
+    assert_eq!(run(&e, b"mg k k O9\r\n", NOW).await, "EN kk O9\r\n");
+    let reply = run(&e, b"ms k 2 T100 F5 c k O1\r\nhi\r\n", NOW).await;
+    let version = e.store().raw(b"k").unwrap().version;
+    assert_eq!(reply, format!("HD c{version} kk O1\r\n"));
+    let stored = e.store().raw(b"k").unwrap();
+    assert_eq!(
+        (stored.value.as_slice(), stored.flags, stored.expires_at),
+        (&b"hi"[..], 5, NOW + 100)
+    );
+    let calls = e.store().calls();
+    assert_eq!(
+        run(&e, b"mg k v f s t c k O2\r\n", NOW + 10).await,
+        format!("VA 2 f5 s2 t90 c{version} kk O2\r\nhi\r\n")
+    );
+    assert_eq!(e.store().calls(), calls, "a hit is served from memory");
+    assert_eq!(run(&e, b"mg k\r\n", NOW).await, "HD\r\n");
+    // `h` and `l` are accepted and not answered.
+    assert_eq!(run(&e, b"mg k h l s\r\n", NOW).await, "HD s2\r\n");
+    assert_eq!(
+        run(&e, b"ms k 2 q\r\nho\r\nmg k v\r\n", NOW).await,
+        "VA 2\r\nho\r\n"
+    );
+}
+
+#[tokio::test]
+async fn meta_set_modes_are_conditional_puts() {
+    let e = engine();
+    assert_eq!(run(&e, b"ms k 1 MR\r\nx\r\n", NOW).await, "NS\r\n");
+    assert_eq!(run(&e, b"ms k 1 MA\r\nx\r\n", NOW).await, "NS\r\n");
+    assert_eq!(run(&e, b"ms k 1 ME\r\nb\r\n", NOW).await, "HD\r\n");
+    assert_eq!(run(&e, b"ms k 1 ME c\r\nx\r\n", NOW).await, "NS c0\r\n");
+    assert_eq!(
+        run(&e, b"ms k 1 MA\r\nc\r\nms k 1 MP\r\na\r\n", NOW).await,
+        "HD\r\nHD\r\n"
+    );
+    assert_eq!(run(&e, b"mg k v\r\n", NOW).await, "VA 3\r\nabc\r\n");
+    let version = e.store().raw(b"k").unwrap().version;
+    assert_eq!(run(&e, b"ms k 1 C1\r\nx\r\n", NOW).await, "EX\r\n");
+    assert_eq!(run(&e, b"ms j 1 C1\r\nx\r\n", NOW).await, "NF\r\n");
+    // Append under a cas: applied only to that version.
+    assert_eq!(run(&e, b"ms k 1 MA C1\r\nd\r\n", NOW).await, "EX\r\n");
+    let req = format!("ms k 1 MA C{version}\r\nd\r\nmg k v\r\n");
+    assert_eq!(run(&e, req.as_bytes(), NOW).await, "HD\r\nVA 4\r\nabcd\r\n");
+    let version = e.store().raw(b"k").unwrap().version;
+    let req = format!("ms k 1 C{version}\r\nz\r\nmg k v\r\n");
+    assert_eq!(run(&e, req.as_bytes(), NOW).await, "HD\r\nVA 1\r\nz\r\n");
+}
+
+#[tokio::test]
+async fn meta_get_touch_and_vivify() {
+    let e = engine();
+    run(&e, b"ms k 1\r\nx\r\n", NOW).await;
+    assert_eq!(run(&e, b"mg k T30 t v\r\n", NOW).await, "VA 1 t30\r\nx\r\n");
+    assert_eq!(e.store().raw(b"k").unwrap().expires_at, NOW + 30);
+    // N: the first miss creates an empty item and is told it won.
+    assert_eq!(
+        run(&e, b"mg n N30 v t s\r\n", NOW).await,
+        "VA 0 t30 s0 W\r\n\r\n"
+    );
+    assert_eq!(e.store().raw(b"n").unwrap().expires_at, NOW + 30);
+    assert_eq!(run(&e, b"mg n N30 s\r\n", NOW).await, "HD s0\r\n");
+}
+
+#[tokio::test]
+async fn meta_delete() {
+    let e = engine();
+    assert_eq!(run(&e, b"md k\r\nmd k q\r\n", NOW).await, "NF\r\nNF\r\n");
+    run(&e, b"ms k 1\r\nx\r\n", NOW).await;
+    assert_eq!(run(&e, b"md k q k\r\nmg k\r\n", NOW).await, "EN\r\n");
+    run(&e, b"ms k 1\r\nx\r\n", NOW).await;
+    assert_eq!(run(&e, b"md k C1 O1 k\r\n", NOW).await, "EX O1 kk\r\n");
+    let version = e.store().raw(b"k").unwrap().version;
+    let req = format!("md k C{version}\r\nmg k v\r\nmd k\r\n");
+    assert_eq!(run(&e, req.as_bytes(), NOW).await, "HD\r\nEN\r\nNF\r\n");
+    assert!(e.cache().get(b"k", NOW).is_none());
+}
+
+#[tokio::test]
+async fn meta_arithmetic() {
+    let e = engine();
+    assert_eq!(run(&e, b"ma c\r\nma c q\r\n", NOW).await, "NF\r\nNF\r\n");
+    assert_eq!(run(&e, b"ma c N0 J10\r\n", NOW).await, "HD\r\n");
+    assert_eq!(run(&e, b"ma c v\r\n", NOW).await, "VA 2\r\n11\r\n");
+    assert_eq!(run(&e, b"ma c MD D3 v\r\n", NOW).await, "VA 1\r\n8\r\n");
+    // Shrinking is space-padded in the item, not in the answer.
+    assert_eq!(e.store().raw(b"c").unwrap().value, b"8 ");
+    let reply = run(&e, b"ma c t c v k\r\n", NOW).await;
+    let version = e.store().raw(b"c").unwrap().version;
+    assert_eq!(reply, format!("VA 1 t-1 c{version} kc\r\n9\r\n"));
+    assert_eq!(run(&e, b"ma c q v\r\n", NOW).await, "");
+    assert_eq!(
+        run(&e, b"ma c T50 t v\r\n", NOW).await,
+        "VA 2 t50\r\n11\r\n"
+    );
+    assert_eq!(e.store().raw(b"c").unwrap().expires_at, NOW + 50);
+    assert_eq!(run(&e, b"ma c C1 v\r\n", NOW).await, "EX\r\n");
+    run(&e, b"ms s 2\r\nab\r\n", NOW).await;
+    assert_eq!(
+        run(&e, b"ma s q\r\n", NOW).await,
+        "CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
+    );
+}
+
+#[tokio::test]
+async fn meta_debug_and_failures() {
+    let e = engine();
+    assert_eq!(run(&e, b"me k\r\n", NOW).await, "EN\r\n");
+    run(&e, b"ms k 2 T100\r\nhi\r\n", NOW).await;
+    let version = e.store().raw(b"k").unwrap().version;
+    assert_eq!(
+        run(&e, b"me k\r\n", NOW).await,
+        format!("ME k exp=100 cas={version} size=3\r\n")
+    );
+    e.store().set_failing(true);
+    let reply = run(&e, b"ms k 1 q\r\nx\r\n", NOW).await;
+    assert!(reply.starts_with("SERVER_ERROR"), "{reply}");
+    let reply = run(&e, b"mg j v q\r\n", NOW).await;
+    assert!(reply.starts_with("SERVER_ERROR"), "never a miss: {reply}");
+}

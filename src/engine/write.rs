@@ -28,6 +28,29 @@ enum Modified {
     Written(StoredItem),
     /// The change was refused with this reply (e.g. a non-numeric incr).
     Refused(Reply<'static>),
+    /// The live item is not the version asked for; this is what it is.
+    Mismatch(StoredItem),
+}
+
+/// How a storage command ended.
+pub(super) enum StoreResult {
+    Stored(StoredItem),
+    /// A condition of `add`, `replace`, `append` or `prepend` failed.
+    NotStored,
+    /// The cas unique did not match.
+    Exists,
+    /// A `cas` found no item.
+    NotFound,
+}
+
+/// How an `incr`/`decr` ended.
+pub(super) enum Arith {
+    /// Stored, with the new number.
+    Written(StoredItem, u64),
+    Missing,
+    /// The cas unique did not match.
+    Mismatch,
+    Refused(Reply<'static>),
 }
 
 impl<S: Store> Engine<S> {
@@ -40,19 +63,47 @@ impl<S: Store> Engine<S> {
         data: &[u8],
         view: View,
     ) -> Answer {
+        let stored = self
+            .store_inner(mode, None, key, flags, exptime, data, view)
+            .await?;
+        Ok(match stored {
+            StoreResult::Stored(_) => (Outcome::Stored, Reply::Stored),
+            StoreResult::NotStored => (Outcome::NotStored, Reply::NotStored),
+            StoreResult::Exists => (Outcome::NotStored, Reply::Exists),
+            StoreResult::NotFound => (Outcome::NotFound, Reply::NotFound),
+        })
+    }
+
+    /// A storage command, for the classic commands and `ms`. `cas` asks
+    /// `append`/`prepend` to apply only to that version (`ms MA C<cas>`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn store_inner(
+        &self,
+        mode: StoreMode,
+        cas: Option<u64>,
+        key: &[u8],
+        flags: u32,
+        exptime: i64,
+        data: &[u8],
+        view: View,
+    ) -> Result<StoreResult, StoreError> {
         self.store.check_key(key)?;
         bump(&self.stats.cmd_set);
         let _lock = self.writes.lock(key).await;
         if let StoreMode::Append | StoreMode::Prepend = mode {
             let modified = self
-                .append(mode == StoreMode::Append, key, data, view)
+                .append(mode == StoreMode::Append, key, data, cas, view)
                 .await;
             self.reads.remove(key);
             return match modified {
-                Ok(Modified::Written(item)) => self.stored(key, &item, view),
+                Ok(Modified::Written(item)) => Ok(self.stored(key, item, view)),
+                Ok(Modified::Mismatch(current)) => {
+                    self.fill(key, &current, view);
+                    Ok(StoreResult::Exists)
+                }
                 Ok(_) => {
                     self.cache.remove(key);
-                    Ok((Outcome::NotStored, Reply::NotStored))
+                    Ok(StoreResult::NotStored)
                 }
                 Err(e) => {
                     self.cache.remove(key);
@@ -81,12 +132,12 @@ impl<S: Store> Engine<S> {
                 return Err(e);
             }
         };
-        match (result, mode) {
+        Ok(match (result, mode) {
             (PutResult::Stored, StoreMode::Cas(_)) => {
                 bump(&self.stats.cas_hits);
-                self.stored(key, &item, view)
+                self.stored(key, item, view)
             }
-            (PutResult::Stored, _) => self.stored(key, &item, view),
+            (PutResult::Stored, _) => self.stored(key, item, view),
             (
                 PutResult::Failed {
                     current: Some(current),
@@ -97,12 +148,12 @@ impl<S: Store> Engine<S> {
                 // The store told us what it holds: a client retrying its
                 // `gets` here now sees that version.
                 self.fill(key, &current, view);
-                Ok((Outcome::NotStored, Reply::Exists))
+                StoreResult::Exists
             }
             (PutResult::Failed { current: None }, StoreMode::Cas(_)) => {
                 bump(&self.stats.cas_misses);
                 self.cache.remove(key);
-                Ok((Outcome::NotFound, Reply::NotFound))
+                StoreResult::NotFound
             }
             (PutResult::Failed { current }, _) => {
                 // The store told us what it holds: cache exactly that.
@@ -112,15 +163,15 @@ impl<S: Store> Engine<S> {
                         self.cache.remove(key);
                     }
                 }
-                Ok((Outcome::NotStored, Reply::NotStored))
+                StoreResult::NotStored
             }
-        }
+        })
     }
 
-    fn stored(&self, key: &[u8], item: &StoredItem, view: View) -> Answer {
+    fn stored(&self, key: &[u8], item: StoredItem, view: View) -> StoreResult {
         bump(&self.stats.total_items);
-        self.fill(key, item, view);
-        Ok((Outcome::Stored, Reply::Stored))
+        self.fill(key, &item, view);
+        StoreResult::Stored(item)
     }
 
     /// `append`/`prepend`: the live item's value with `data` added; flags
@@ -130,9 +181,10 @@ impl<S: Store> Engine<S> {
         append: bool,
         key: &[u8],
         data: &[u8],
+        cas: Option<u64>,
         view: View,
     ) -> Result<Modified, StoreError> {
-        self.modify(key, view, |item| {
+        self.modify(key, view, cas, None, |item| {
             let (first, second) = if append {
                 (&item.value[..], data)
             } else {
@@ -147,10 +199,28 @@ impl<S: Store> Engine<S> {
     /// wraps, decr stops at 0; a shorter result is padded with spaces to the
     /// old length, as memcached rewrites the value in place.
     pub(super) async fn arith(&self, incr: bool, key: &[u8], delta: u64, view: View) -> Answer {
+        match self.arith_inner(incr, key, delta, None, None, view).await? {
+            Arith::Written(_, n) => Ok((Outcome::Ok, Reply::Number(n))),
+            Arith::Missing | Arith::Mismatch => Ok((Outcome::NotFound, Reply::NotFound)),
+            Arith::Refused(reply) => Ok((Outcome::ClientError, reply)),
+        }
+    }
+
+    /// `incr`/`decr` (and `ma`): `cas` applies it only to that version,
+    /// `expires_at` also sets the item's expiry.
+    pub(super) async fn arith_inner(
+        &self,
+        incr: bool,
+        key: &[u8],
+        delta: u64,
+        cas: Option<u64>,
+        expires_at: Option<u32>,
+        view: View,
+    ) -> Result<Arith, StoreError> {
         self.store.check_key(key)?;
         let _lock = self.writes.lock(key).await;
         let modified = self
-            .modify(key, view, |item| {
+            .modify(key, view, cas, expires_at, |item| {
                 let Some(old) = parse_counter(&item.value) else {
                     return Err(NON_NUMERIC);
                 };
@@ -177,14 +247,18 @@ impl<S: Store> Engine<S> {
                 bump(hits);
                 self.fill(key, &item, view);
                 let n = parse_counter(&item.value).expect("just written as a number");
-                Ok((Outcome::Ok, Reply::Number(n)))
+                Ok(Arith::Written(item, n))
             }
             Ok(Modified::Missing) => {
                 bump(misses);
                 self.cache.remove(key);
-                Ok((Outcome::NotFound, Reply::NotFound))
+                Ok(Arith::Missing)
             }
-            Ok(Modified::Refused(reply)) => Ok((Outcome::ClientError, reply)),
+            Ok(Modified::Mismatch(current)) => {
+                self.fill(key, &current, view);
+                Ok(Arith::Mismatch)
+            }
+            Ok(Modified::Refused(reply)) => Ok(Arith::Refused(reply)),
             Err(e) => {
                 self.cache.remove(key);
                 Err(e)
@@ -197,12 +271,18 @@ impl<S: Store> Engine<S> {
     /// from; otherwise the put's answer (the current item) is the next
     /// attempt's input. Starts from the cached copy when there is one (a
     /// stale copy just costs one failed put), else from a consistent read.
+    /// With `expect`, only that version is changed (a cached copy of another
+    /// version is checked against the store first); with `expires_at`, the
+    /// expiry changes too.
     async fn modify(
         &self,
         key: &[u8],
         view: View,
+        expect: Option<u64>,
+        expires_at: Option<u32>,
         change: impl Fn(&StoredItem) -> Result<Vec<u8>, Reply<'static>>,
     ) -> Result<Modified, StoreError> {
+        let mut from_cache = true;
         let mut current = match self.cache.get(key, view.now) {
             Some(entry) if entry.version >= view.flushed_before => Some(StoredItem {
                 value: entry.value().to_vec(),
@@ -210,12 +290,25 @@ impl<S: Store> Engine<S> {
                 expires_at: entry.expires_at,
                 version: entry.version,
             }),
-            _ => self.store.get(key, view).await?,
+            _ => {
+                from_cache = false;
+                self.store.get(key, view).await?
+            }
         };
         for _ in 0..RMW_ATTEMPTS {
             let Some(item) = current else {
                 return Ok(Modified::Missing);
             };
+            if let Some(expect) = expect
+                && item.version != expect
+            {
+                if from_cache {
+                    from_cache = false;
+                    current = self.store.get(key, view).await?;
+                    continue;
+                }
+                return Ok(Modified::Mismatch(item));
+            }
             let value = match change(&item) {
                 Ok(value) => value,
                 Err(reply) => return Ok(Modified::Refused(reply)),
@@ -223,7 +316,7 @@ impl<S: Store> Engine<S> {
             let new = StoredItem {
                 value,
                 flags: item.flags,
-                expires_at: item.expires_at,
+                expires_at: expires_at.unwrap_or(item.expires_at),
                 version: self
                     .versions
                     .next_after(item.version.max(view.flushed_before)),
@@ -234,7 +327,10 @@ impl<S: Store> Engine<S> {
                 .await?
             {
                 PutResult::Stored => return Ok(Modified::Written(new)),
-                PutResult::Failed { current: now } => current = now,
+                PutResult::Failed { current: now } => {
+                    from_cache = false;
+                    current = now;
+                }
             }
         }
         Err(StoreError::Contention)
@@ -256,6 +352,48 @@ impl<S: Store> Engine<S> {
                 Ok((Outcome::NotFound, Reply::NotFound))
             }
         }
+    }
+
+    /// `md <key> C<cas>`: deletes the item only if it has that version. The
+    /// store has no conditional delete, so the item is overwritten, under
+    /// the version condition, by an empty one that expires now: no reader
+    /// sees it again, and the table's TTL removes it.
+    pub(super) async fn delete_version(
+        &self,
+        key: &[u8],
+        version: u64,
+        view: View,
+    ) -> Result<StoreResult, StoreError> {
+        self.store.check_key(key)?;
+        let _lock = self.writes.lock(key).await;
+        let tombstone = StoredItem {
+            value: Vec::new(),
+            flags: 0,
+            expires_at: view.now.max(1),
+            version: self.versions.next_after(version.max(view.flushed_before)),
+        };
+        let result = self
+            .store
+            .put(key, &tombstone, PutCondition::Version(version), view)
+            .await;
+        self.reads.remove(key);
+        self.cache.remove(key);
+        Ok(match result? {
+            PutResult::Stored => {
+                bump(&self.stats.delete_hits);
+                StoreResult::Stored(tombstone)
+            }
+            PutResult::Failed {
+                current: Some(current),
+            } => {
+                self.fill(key, &current, view);
+                StoreResult::Exists
+            }
+            PutResult::Failed { current: None } => {
+                bump(&self.stats.delete_misses);
+                StoreResult::NotFound
+            }
+        })
     }
 
     pub(super) async fn touch(&self, key: &[u8], exptime: i64, view: View) -> Answer {

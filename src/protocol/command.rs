@@ -1,6 +1,8 @@
 //! Parsed requests. Keys and data borrow from the connection's read buffer:
 //! parsing allocates nothing, and a cache hit copies nothing but the reply.
 
+use super::meta::Meta;
+
 /// A storage command's mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreMode {
@@ -95,6 +97,8 @@ pub enum Command<'a> {
     Shutdown,
     /// `mn`: the meta no-op, answered `MN`.
     MetaNoop,
+    /// `mg`, `ms`, `md`, `ma`, `me` and their flags.
+    Meta(Meta<'a>),
     /// `version`.
     Version,
     /// `quit`: close the connection once earlier replies are written.
@@ -136,6 +140,7 @@ impl Command<'_> {
             Command::CacheMemlimit { .. } => "cache_memlimit",
             Command::Shutdown => "shutdown",
             Command::MetaNoop => "mn",
+            Command::Meta(meta) => meta.cmd.name(),
             Command::Version => "version",
             Command::Quit => "quit",
         }

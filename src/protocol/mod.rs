@@ -6,12 +6,14 @@
 //! here is unit-tested on plain byte slices.
 
 pub mod command;
+pub mod meta;
 pub mod parse;
 pub mod reply;
 
 pub use command::{Command, Keys, StatsGroup, StoreMode};
+pub use meta::{Meta, MetaCmd, MetaFlags, MetaMode};
 pub use parse::{Limits, Parsed, parse};
-pub use reply::Reply;
+pub use reply::{MetaCode, MetaItem, Reply};
 
 /// Longest key memcached accepts.
 pub const KEY_MAX_LEN: usize = 250;

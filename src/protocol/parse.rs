@@ -17,6 +17,7 @@ use nom::{IResult, Parser};
 
 use super::KEY_MAX_LEN;
 use super::command::{Command, Keys, StatsGroup, StoreMode};
+use super::meta::{MetaCmd, meta};
 use super::reply::Reply;
 
 /// Bounds that keep a connection's memory small whatever a client sends.
@@ -101,7 +102,7 @@ fn line(input: &[u8]) -> IResult<&[u8], &[u8]> {
 
 /// A data block of exactly `len` bytes and its terminator (streaming).
 /// Returns the block and whether it ended in `\r\n`.
-fn data_block(input: &[u8], len: usize) -> IResult<&[u8], (&[u8], bool)> {
+pub(super) fn data_block(input: &[u8], len: usize) -> IResult<&[u8], (&[u8], bool)> {
     let (rest, (data, end)) = (take(len), take(2usize)).parse(input)?;
     Ok((rest, (data, end == b"\r\n")))
 }
@@ -150,6 +151,11 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<'a> {
         b"cache_memlimit" => cache_memlimit(tokens, line_len),
         b"shutdown" => Parsed::Request(Command::Shutdown, line_len),
         b"mn" => Parsed::Request(Command::MetaNoop, line_len),
+        b"mg" => meta(MetaCmd::Get, tokens, after_line, line_len, limits),
+        b"ms" => meta(MetaCmd::Set, tokens, after_line, line_len, limits),
+        b"md" => meta(MetaCmd::Delete, tokens, after_line, line_len, limits),
+        b"ma" => meta(MetaCmd::Arith, tokens, after_line, line_len, limits),
+        b"me" => meta(MetaCmd::Debug, tokens, after_line, line_len, limits),
         b"version" => Parsed::Request(Command::Version, line_len),
         b"quit" => Parsed::Request(Command::Quit, line_len),
         _ => invalid(Reply::Error, line_len, false),
@@ -196,7 +202,7 @@ fn is_retrieval(buf: &[u8]) -> bool {
     buf.starts_with(b"get ") || buf.starts_with(b"gets ")
 }
 
-fn invalid(reply: Reply<'static>, len: usize, noreply: bool) -> Parsed<'static> {
+pub(super) fn invalid(reply: Reply<'static>, len: usize, noreply: bool) -> Parsed<'static> {
     Parsed::Invalid {
         reply,
         len,
@@ -429,7 +435,7 @@ fn cache_memlimit<'a>(tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
 
 /// A decimal number as `strtol`/`strtoul` read it: optional sign, digits,
 /// nothing after. Out of range for `T` is `None`.
-fn number<T: std::str::FromStr>(token: &[u8]) -> Option<T> {
+pub(super) fn number<T: std::str::FromStr>(token: &[u8]) -> Option<T> {
     let digits = token.strip_prefix(b"+").unwrap_or(token);
     if digits.is_empty() || digits.starts_with(b"+") {
         return None;
@@ -438,7 +444,8 @@ fn number<T: std::str::FromStr>(token: &[u8]) -> Option<T> {
 }
 
 /// Space-separated tokens of a request line; runs of spaces count as one.
-struct Tokens<'a> {
+#[derive(Clone)]
+pub(super) struct Tokens<'a> {
     rest: &'a [u8],
 }
 

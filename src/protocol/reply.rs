@@ -4,6 +4,8 @@
 
 use bytes::{BufMut, BytesMut};
 
+use super::meta::MetaFlags;
+
 /// One reply line (and, for [`Reply::Value`], its data block).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply<'a> {
@@ -41,6 +43,49 @@ pub enum Reply<'a> {
     ClientError(&'a str),
     /// `SERVER_ERROR <msg>`: the request was fine but could not be served.
     ServerError(&'a str),
+    /// A meta command's reply: `<code> <return flags>*`, and for `VA` the value.
+    Meta {
+        code: MetaCode,
+        /// The flags the request asked for.
+        flags: &'a MetaFlags<'a>,
+        /// Which return flags this reply answers (others are left out).
+        answers: &'static [u8],
+        /// The key as sent, for `k`.
+        key: &'a [u8],
+        /// The item's attributes, for `c f s t`; None leaves them out.
+        item: Option<MetaItem>,
+        /// `VA`'s data.
+        data: &'a [u8],
+        /// ` W`: this client won the right to recompute the value.
+        win: bool,
+    },
+}
+
+/// A meta reply's two-letter code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaCode {
+    /// Value follows.
+    Va,
+    /// Success, no value.
+    Hd,
+    /// Miss (mg).
+    En,
+    /// Not stored.
+    Ns,
+    /// Cas mismatch.
+    Ex,
+    /// Not found.
+    Nf,
+}
+
+/// What the `c f s t` return flags report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetaItem {
+    pub cas: u64,
+    pub flags: u32,
+    pub size: usize,
+    /// Seconds left, -1 for none.
+    pub ttl: i64,
 }
 
 impl Reply<'_> {
@@ -92,6 +137,66 @@ impl Reply<'_> {
             Reply::Error => out.put_slice(b"ERROR\r\n"),
             Reply::ClientError(msg) => line(out, b"CLIENT_ERROR ", msg),
             Reply::ServerError(msg) => line(out, b"SERVER_ERROR ", msg),
+            Reply::Meta {
+                code,
+                flags,
+                answers,
+                key,
+                item,
+                data,
+                win,
+            } => {
+                let mut num = itoa::Buffer::new();
+                out.reserve(data.len() + key.len() + 64);
+                out.put_slice(match code {
+                    MetaCode::Va => b"VA",
+                    MetaCode::Hd => b"HD",
+                    MetaCode::En => b"EN",
+                    MetaCode::Ns => b"NS",
+                    MetaCode::Ex => b"EX",
+                    MetaCode::Nf => b"NF",
+                });
+                if *code == MetaCode::Va {
+                    out.put_u8(b' ');
+                    out.put_slice(num.format(data.len()).as_bytes());
+                }
+                for &flag in flags.echo() {
+                    if !answers.contains(&flag) {
+                        continue;
+                    }
+                    let text = match (flag, item) {
+                        (b'k', _) => {
+                            out.put_slice(b" k");
+                            out.put_slice(key);
+                            if flags.base64 {
+                                out.put_slice(b" b");
+                            }
+                            continue;
+                        }
+                        (b'O', _) => {
+                            out.put_slice(b" O");
+                            out.put_slice(flags.opaque);
+                            continue;
+                        }
+                        (b'c', Some(i)) => num.format(i.cas),
+                        (b'f', Some(i)) => num.format(i.flags),
+                        (b's', Some(i)) => num.format(i.size),
+                        (b't', Some(i)) => num.format(i.ttl),
+                        _ => continue,
+                    };
+                    out.put_u8(b' ');
+                    out.put_u8(flag);
+                    out.put_slice(text.as_bytes());
+                }
+                if *win {
+                    out.put_slice(b" W");
+                }
+                out.put_slice(b"\r\n");
+                if *code == MetaCode::Va {
+                    out.put_slice(data);
+                    out.put_slice(b"\r\n");
+                }
+            }
         }
     }
 }

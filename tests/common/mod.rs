@@ -305,12 +305,32 @@ impl McClient {
         loop {
             let line = self.line().await;
             reply.extend_from_slice(&line);
-            if let Some(header) = line.strip_prefix(b"VALUE ") {
-                let text = String::from_utf8_lossy(header);
-                let len: usize = text.split(' ').nth(2).unwrap().trim_end().parse().unwrap();
+            // `VALUE <key> <flags> <len>` blocks run up to END; a meta
+            // `VA <len> <flags>*` line's value ends the reply.
+            let (len, more) = match (line.strip_prefix(b"VALUE "), line.strip_prefix(b"VA ")) {
+                (Some(header), _) => (
+                    String::from_utf8_lossy(header)
+                        .split(' ')
+                        .nth(2)
+                        .map(str::to_owned),
+                    true,
+                ),
+                (_, Some(header)) => (
+                    String::from_utf8_lossy(header)
+                        .split(' ')
+                        .next()
+                        .map(str::to_owned),
+                    false,
+                ),
+                _ => (None, false),
+            };
+            if let Some(len) = len {
+                let len: usize = len.trim_end().parse().unwrap();
                 let data = self.exactly(len + 2).await;
                 reply.extend_from_slice(&data);
-                continue;
+                if more {
+                    continue;
+                }
             }
             return String::from_utf8_lossy(&reply).into_owned();
         }

@@ -1,0 +1,520 @@
+//! Meta commands (memcached 1.6): `mg`, `ms`, `md`, `ma`, `me` (`mn` is
+//! parsed with the classic commands). Flags are parsed into a small fixed
+//! struct that borrows from the request line: only a base64 key (`b`) is
+//! decoded into an allocation.
+//!
+//! The flag rules follow memcached 1.6.18's `_meta_flag_preparse`, checked
+//! against Debian's memcached: a flag letter may appear once; an unknown
+//! letter is `CLIENT_ERROR invalid flag` (`invalid or duplicate flag` for
+//! `md` and `ma`, which report every flag error that way); a bad number is
+//! `bad token in command line format`; `ms` swallows its data block after a
+//! flag error.
+
+use std::borrow::Cow;
+
+use super::KEY_MAX_LEN;
+use super::command::Command;
+use super::parse::{Limits, Parsed, Tokens, data_block, invalid, number};
+use super::reply::Reply;
+
+/// Which meta command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaCmd {
+    Get,
+    Set,
+    Delete,
+    Arith,
+    Debug,
+}
+
+impl MetaCmd {
+    pub fn name(self) -> &'static str {
+        match self {
+            MetaCmd::Get => "mg",
+            MetaCmd::Set => "ms",
+            MetaCmd::Delete => "md",
+            MetaCmd::Arith => "ma",
+            MetaCmd::Debug => "me",
+        }
+    }
+}
+
+/// The `M` flag of `ms` and `ma`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MetaMode {
+    /// `ms` `MS` (the default).
+    #[default]
+    Set,
+    /// `ms` `ME`: add.
+    Add,
+    /// `ms` `MR`: replace.
+    Replace,
+    /// `ms` `MA`.
+    Append,
+    /// `ms` `MP`.
+    Prepend,
+    /// `ma` `MI` / `M+` (the default for `ma`).
+    Incr,
+    /// `ma` `MD` / `M-`.
+    Decr,
+}
+
+/// Most return flags one request can ask for: `c f k O s t`, once each.
+const ECHO_MAX: usize = 6;
+
+/// The flags of one meta request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MetaFlags<'a> {
+    /// Return flags (`c f k O s t`) in the order they were sent: replies
+    /// echo them in that order.
+    echo: [u8; ECHO_MAX],
+    echo_len: u8,
+    /// `b`: the key token is base64.
+    pub base64: bool,
+    /// `q`: quiet (which replies it hides depends on the command).
+    pub quiet: bool,
+    /// `v`: return the value.
+    pub value: bool,
+    /// `O<opaque>`: echoed as is (possibly empty).
+    pub opaque: &'a [u8],
+    /// `T<ttl>`: touch (mg, ma) or the item's exptime (ms).
+    pub ttl: Option<i64>,
+    /// `N<ttl>`: vivify on miss (mg, ma).
+    pub vivify: Option<i64>,
+    /// `R<ttl>`: recache (mg); accepted, never wins (see the README).
+    pub recache: Option<i64>,
+    /// `C<cas>`: compare and swap (ms, md, ma).
+    pub cas: Option<u64>,
+    /// `F<flags>` (ms).
+    pub client_flags: u32,
+    /// `M<mode>` (ms, ma).
+    pub mode: Option<MetaMode>,
+    /// `J<initial>` (ma with N).
+    pub initial: u64,
+    /// `D<delta>` (ma), 1 unless given.
+    pub delta: u64,
+    /// `I`: invalidate (md: mark stale; ms: store stale if older).
+    pub invalidate: bool,
+}
+
+impl<'a> MetaFlags<'a> {
+    /// The return flags asked for, in request order.
+    pub fn echo(&self) -> &[u8] {
+        &self.echo[..self.echo_len as usize]
+    }
+
+    fn push_echo(&mut self, flag: u8) {
+        // Duplicates were refused before this, so there is room.
+        self.echo[self.echo_len as usize] = flag;
+        self.echo_len += 1;
+    }
+}
+
+/// A parsed meta request (see [`Command::Meta`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta<'a> {
+    pub cmd: MetaCmd,
+    /// The key (decoded if `b`).
+    pub key: Cow<'a, [u8]>,
+    /// The key as sent, echoed by `k`.
+    pub key_token: &'a [u8],
+    pub flags: MetaFlags<'a>,
+    /// The data block of `ms`.
+    pub data: &'a [u8],
+}
+
+const BAD_FORMAT: Reply<'static> = Reply::ClientError("bad command line format");
+const BAD_TOKEN: &str = "bad token in command line format";
+const MD_MA_FLAG_ERROR: Reply<'static> = Reply::ClientError("invalid or duplicate flag");
+
+/// `mg|ms|md|ma|me <key> ...`: `tokens` follow the command name.
+pub(super) fn meta<'a>(
+    cmd: MetaCmd,
+    mut tokens: Tokens<'a>,
+    after_line: &'a [u8],
+    line_len: usize,
+    limits: &Limits,
+) -> Parsed<'a> {
+    let Some(key_token) = tokens.next() else {
+        return match cmd {
+            MetaCmd::Debug => invalid(BAD_FORMAT, line_len, false),
+            _ => invalid(Reply::Error, line_len, false),
+        };
+    };
+    if key_token.len() > KEY_MAX_LEN {
+        return invalid(BAD_FORMAT, line_len, false);
+    }
+    if cmd == MetaCmd::Debug {
+        // `me <key> [b]`: other tokens are ignored.
+        let base64 = tokens.any(|t| t == b"b");
+        let key = if base64 {
+            match decode_base64(key_token) {
+                Some(key) => Cow::Owned(key),
+                None => return invalid(DECODE_ERROR, line_len, false),
+            }
+        } else {
+            Cow::Borrowed(key_token)
+        };
+        let flags = MetaFlags {
+            base64,
+            ..MetaFlags::default()
+        };
+        return request(cmd, key, key_token, flags, b"", line_len);
+    }
+    // `ms <key> <datalen>`: the length comes before the flags; the data
+    // block is swallowed after any later error.
+    let mut block = None;
+    if cmd == MetaCmd::Set {
+        let Some(len) = tokens.next().and_then(number::<i64>) else {
+            return invalid(BAD_FORMAT, line_len, false);
+        };
+        if !(0..=i64::from(i32::MAX) - 2).contains(&len) {
+            return invalid(BAD_FORMAT, line_len, false);
+        }
+        let len = len as usize;
+        let base64 = tokens.clone().any(|t| t.first() == Some(&b'b'));
+        if key_token.len() + len + limits.item_overhead > limits.item_size_max {
+            // A base64 key is not decoded here: the old item is then left as is.
+            return Parsed::TooLarge {
+                mode: if base64 {
+                    super::StoreMode::Add
+                } else {
+                    super::StoreMode::Set
+                },
+                key: key_token,
+                len: line_len,
+                discard: len as u64 + 2,
+                noreply: false,
+            };
+        }
+        block = Some(match data_block(after_line, len) {
+            Ok((_, (data, true))) => Ok(data),
+            Ok((_, (_, false))) => Err(len),
+            Err(_) => return Parsed::Incomplete,
+        });
+    }
+    let total = line_len + block.map_or(0, |b| b.map_or_else(|len| len, <[u8]>::len) + 2);
+    let flags = match parse_flags(cmd, tokens) {
+        Ok(flags) => flags,
+        Err(reply) => return invalid(reply, total, false),
+    };
+    // memcached decodes the key while reading the flags, before the data.
+    let key = if flags.base64 {
+        match decode_base64(key_token) {
+            Some(key) => Cow::Owned(key),
+            None if matches!(cmd, MetaCmd::Delete | MetaCmd::Arith) => {
+                return invalid(MD_MA_FLAG_ERROR, total, false);
+            }
+            None => return invalid(DECODE_ERROR, total, false),
+        }
+    } else {
+        Cow::Borrowed(key_token)
+    };
+    let data = match block {
+        None => &b""[..],
+        Some(Ok(data)) => data,
+        Some(Err(_)) => {
+            return invalid(Reply::ClientError("bad data chunk"), total, false);
+        }
+    };
+    request(cmd, key, key_token, flags, data, total)
+}
+
+const DECODE_ERROR: Reply<'static> = Reply::ClientError("error decoding key");
+
+fn request<'a>(
+    cmd: MetaCmd,
+    key: Cow<'a, [u8]>,
+    key_token: &'a [u8],
+    flags: MetaFlags<'a>,
+    data: &'a [u8],
+    len: usize,
+) -> Parsed<'a> {
+    Parsed::Request(
+        Command::Meta(Meta {
+            cmd,
+            key,
+            key_token,
+            flags,
+            data,
+        }),
+        len,
+    )
+}
+
+/// The flags after the key (and `ms`'s length), as memcached 1.6.18 reads
+/// them: hard errors (unknown or duplicate letter) stop at once; soft ones
+/// (a bad number) are reported unless a hard one follows.
+fn parse_flags<'a>(cmd: MetaCmd, tokens: Tokens<'a>) -> Result<MetaFlags<'a>, Reply<'static>> {
+    let mut flags = MetaFlags {
+        delta: 1,
+        ..MetaFlags::default()
+    };
+    let mut seen = [false; 128];
+    let mut soft: Option<&'static str> = None;
+    let md_ma = matches!(cmd, MetaCmd::Delete | MetaCmd::Arith);
+    let hard = |msg: &'static str| {
+        Err(if md_ma {
+            MD_MA_FLAG_ERROR
+        } else {
+            Reply::ClientError(msg)
+        })
+    };
+    for token in tokens {
+        let letter = token[0];
+        let arg = &token[1..];
+        if letter >= 128 {
+            return hard("invalid flag");
+        }
+        if seen[letter as usize] {
+            return hard("duplicate flag");
+        }
+        seen[letter as usize] = true;
+        match letter {
+            b'b' => flags.base64 = true,
+            b'q' => flags.quiet = true,
+            b'v' => flags.value = true,
+            b'c' | b'f' | b'k' | b's' | b't' => flags.push_echo(letter),
+            b'O' => {
+                if token.len() > 32 {
+                    return hard("opaque token too long");
+                }
+                flags.opaque = arg;
+                flags.push_echo(letter);
+            }
+            // Accepted, not answered: see the README.
+            b'h' | b'l' | b'u' | b'P' | b'L' => {}
+            b'I' => flags.invalidate = true,
+            b'T' | b'N' | b'R' => match number::<i32>(arg) {
+                Some(n) => {
+                    let n = Some(i64::from(n));
+                    match letter {
+                        b'T' => flags.ttl = n,
+                        b'N' => flags.vivify = n,
+                        _ => flags.recache = n,
+                    }
+                }
+                None => soft = Some(BAD_TOKEN),
+            },
+            b'C' => match number::<u64>(arg) {
+                Some(n) => flags.cas = Some(n),
+                None => soft = Some(BAD_TOKEN),
+            },
+            // memcached reads client flags as an unsigned long and keeps 32 bits.
+            b'F' => match number::<u64>(arg) {
+                Some(n) => flags.client_flags = n as u32,
+                None => soft = Some("bad command line format"),
+            },
+            b'J' => match number::<u64>(arg) {
+                Some(n) => flags.initial = n,
+                None => soft = Some("invalid numeric initial value"),
+            },
+            b'D' => match number::<u64>(arg) {
+                Some(n) => flags.delta = n,
+                None => soft = Some("invalid numeric delta value"),
+            },
+            b'M' => {
+                if token.len() != 2 {
+                    soft = Some("incorrect length for M token");
+                } else {
+                    flags.mode = match (cmd, arg[0]) {
+                        (MetaCmd::Set, b'S') => Some(MetaMode::Set),
+                        (MetaCmd::Set, b'E') => Some(MetaMode::Add),
+                        (MetaCmd::Set, b'R') => Some(MetaMode::Replace),
+                        (MetaCmd::Set, b'A') => Some(MetaMode::Append),
+                        (MetaCmd::Set, b'P') => Some(MetaMode::Prepend),
+                        (MetaCmd::Arith, b'I' | b'+') => Some(MetaMode::Incr),
+                        (MetaCmd::Arith, b'D' | b'-') => Some(MetaMode::Decr),
+                        _ => None,
+                    };
+                }
+            }
+            _ => return hard("invalid flag"),
+        }
+    }
+    if let Some(msg) = soft {
+        return hard(msg);
+    }
+    // The mode is checked after the flags, by the command itself.
+    if seen[b'M' as usize] && flags.mode.is_none() {
+        return Err(match cmd {
+            MetaCmd::Set => Reply::ClientError("invalid mode for ms M token"),
+            MetaCmd::Arith => Reply::ClientError("invalid mode for ma M token"),
+            _ => return Ok(flags),
+        });
+    }
+    Ok(flags)
+}
+
+/// Standard base64 with padding, as memcached decodes keys; None if malformed.
+pub fn decode_base64(input: &[u8]) -> Option<Vec<u8>> {
+    fn sextet(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    if input.is_empty() || !input.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(input.len() / 4 * 3);
+    let chunks = input.len() / 4;
+    for (i, chunk) in input.chunks(4).enumerate() {
+        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && i + 1 != chunks) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &chunk[..4 - pad] {
+            n = (n << 6) | sextet(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::parse;
+
+    fn p(buf: &[u8]) -> Parsed<'_> {
+        parse(buf, &Limits::default())
+    }
+
+    fn meta_of(parsed: Parsed<'_>) -> (Meta<'_>, usize) {
+        match parsed {
+            Parsed::Request(Command::Meta(meta), len) => (meta, len),
+            other => panic!("not a meta request: {other:?}"),
+        }
+    }
+
+    fn err(msg: &'static str, len: usize) -> Parsed<'static> {
+        invalid(Reply::ClientError(msg), len, false)
+    }
+
+    #[test]
+    fn mg_flags_keep_their_order() {
+        let (m, len) = meta_of(p(b"mg k v f s k c t O123 q h l\r\n"));
+        assert_eq!(len, 29);
+        assert_eq!(m.cmd, MetaCmd::Get);
+        assert_eq!(&m.key[..], b"k");
+        assert!(matches!(m.key, Cow::Borrowed(_)), "no allocation");
+        assert_eq!(m.flags.echo(), b"fskctO");
+        assert_eq!(m.flags.opaque, b"123");
+        assert!(m.flags.value && m.flags.quiet && !m.flags.base64);
+        let (m, _) = meta_of(p(b"mg k T30 N-1 R+5\r\n"));
+        assert_eq!(
+            (m.flags.ttl, m.flags.vivify, m.flags.recache),
+            (Some(30), Some(-1), Some(5))
+        );
+    }
+
+    #[test]
+    fn flag_errors() {
+        assert_eq!(p(b"mg k v v\r\n"), err("duplicate flag", 10));
+        assert_eq!(p(b"mg k x\r\n"), err("invalid flag", 8));
+        assert_eq!(p(b"mg k noreply\r\n"), err("invalid flag", 14));
+        assert_eq!(p(b"mg k E5\r\n"), err("invalid flag", 9));
+        assert_eq!(p(b"mg k T\r\n"), err("bad token in command line format", 8));
+        // A later hard error wins over an earlier bad number.
+        assert_eq!(p(b"mg k T x\r\n"), err("invalid flag", 10));
+        let long = format!("mg k O{}\r\n", "1".repeat(32));
+        assert_eq!(p(long.as_bytes()), err("opaque token too long", long.len()));
+        assert_eq!(p(b"md k x\r\n"), err("invalid or duplicate flag", 8));
+        assert_eq!(p(b"ma k D-1\r\n"), err("invalid or duplicate flag", 10));
+        assert_eq!(p(b"ma k Mi\r\n"), err("invalid mode for ma M token", 9));
+        assert_eq!(p(b"mg\r\n"), invalid(Reply::Error, 4, false));
+        assert_eq!(p(b"me\r\n"), invalid(BAD_FORMAT, 4, false));
+        let key = format!("md {}\r\n", "k".repeat(251));
+        assert_eq!(p(key.as_bytes()), invalid(BAD_FORMAT, key.len(), false));
+    }
+
+    #[test]
+    fn ms_reads_length_flags_and_data() {
+        let buf = b"ms k 2 T100 F4294967297 c k O1 MA C9 I\r\nhi\r\nmn\r\n";
+        let (m, len) = meta_of(p(buf));
+        assert_eq!(len, buf.len() - 4);
+        assert_eq!(m.data, b"hi");
+        let f = m.flags;
+        assert_eq!(
+            (f.ttl, f.client_flags, f.mode, f.cas, f.invalidate),
+            (Some(100), 1, Some(MetaMode::Append), Some(9), true)
+        );
+        assert_eq!(f.echo(), b"ckO");
+        assert_eq!(p(b"ms k 2 c\r\nh"), Parsed::Incomplete);
+    }
+
+    #[test]
+    fn ms_errors_swallow_the_data_unless_the_line_is_bad() {
+        // Bad line: the data line is then read as a command.
+        assert_eq!(p(b"ms k\r\n"), invalid(BAD_FORMAT, 6, false));
+        assert_eq!(p(b"ms k abc\r\nhi\r\n"), invalid(BAD_FORMAT, 10, false));
+        assert_eq!(p(b"ms k -1\r\n"), invalid(BAD_FORMAT, 9, false));
+        // Bad flags: `<len> + 2` bytes are swallowed.
+        assert_eq!(p(b"ms k 2 x\r\nhi\r\n"), err("invalid flag", 14));
+        assert_eq!(p(b"ms k 3 x\r\nabcde\r\n"), err("invalid flag", 15));
+        assert_eq!(
+            p(b"ms k 2 MX\r\nhi\r\n"),
+            err("invalid mode for ms M token", 15)
+        );
+        assert_eq!(
+            p(b"ms k 2 M\r\nhi\r\n"),
+            err("incorrect length for M token", 14)
+        );
+        assert_eq!(
+            p(b"ms k 2 Fabc\r\nhi\r\n"),
+            err("bad command line format", 17)
+        );
+        assert_eq!(p(b"ms k 2 b\r\nhi\r\n"), err("error decoding key", 14));
+        assert_eq!(p(b"ms k 3\r\nabcde\r\n"), err("bad data chunk", 13));
+    }
+
+    #[test]
+    fn ms_too_large_is_discarded() {
+        let limits = Limits {
+            item_size_max: 100,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            parse(b"ms k 100 T0\r\n", &limits),
+            Parsed::TooLarge {
+                key: b"k",
+                len: 13,
+                discard: 102,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn base64_keys() {
+        let (m, _) = meta_of(p(b"ms bTEw 2 b k\r\nhi\r\n"));
+        assert_eq!((&m.key[..], m.key_token), (&b"m10"[..], &b"bTEw"[..]));
+        let (m, _) = meta_of(p(b"me YTE= b\r\n"));
+        assert_eq!(&m.key[..], b"a1");
+        assert_eq!(p(b"md m10 b\r\n"), err("invalid or duplicate flag", 10));
+        assert_eq!(decode_base64(b"AAECAw=="), Some(vec![0, 1, 2, 3]));
+        assert_eq!(decode_base64(b"YQ=="), Some(b"a".to_vec()));
+        for bad in [&b"d1"[..], b"!!!!", b"Y===", b"YQ==YQ==", b""] {
+            assert_eq!(decode_base64(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ma_defaults_and_modes() {
+        let (m, _) = meta_of(p(b"ma k\r\n"));
+        assert_eq!((m.flags.delta, m.flags.mode), (1, None));
+        let (m, _) = meta_of(p(b"ma k M- D7 N0 J5\r\n"));
+        assert_eq!(
+            (m.flags.delta, m.flags.mode, m.flags.vivify, m.flags.initial),
+            (7, Some(MetaMode::Decr), Some(0), 5)
+        );
+    }
+}
