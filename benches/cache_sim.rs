@@ -45,6 +45,15 @@ struct Cli {
     shards: Vec<usize>,
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Instead of hit ratios: insert this many distinct items into one
+    /// `ItemCache` (default shards) and report this process's RSS growth
+    /// against the budget and the bytes charged. Run once per process: RSS
+    /// never shrinks, so each case needs a fresh one.
+    #[arg(long)]
+    memory: Option<u64>,
+    /// Budget for --memory, in bytes (default: room for every item).
+    #[arg(long)]
+    budget: Option<u64>,
 }
 
 fn main() {
@@ -52,6 +61,10 @@ fn main() {
     if !cli.bench {
         self_check();
         println!("cache_sim: self-check passed; no simulation without --bench");
+        return;
+    }
+    if let Some(items) = cli.memory {
+        memory(items, cli.budget, cli.value_size);
         return;
     }
     println!(
@@ -91,6 +104,49 @@ fn main() {
         }
     }
     println!("\n(in brackets: the difference from exact-lru, in hit ratio)");
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// RSS growth of filling one `ItemCache` with `items` distinct 16-byte keys.
+fn memory(items: u64, budget: Option<u64>, value_size: usize) {
+    let budget = budget.unwrap_or(u64::MAX / 2);
+    let shards = ItemCache::default_shards();
+    let value = vec![b'v'; value_size];
+    let before = rss_bytes();
+    let cache = ItemCache::new(budget, shards);
+    for i in 0..items {
+        cache.insert(Entry::new(&key_of(i), &value, 0, 0, 1));
+    }
+    let after = rss_bytes();
+    let stats = cache.stats();
+    let growth = after - before;
+    println!(
+        "MEMORY in-process items_inserted={items} value_size={value_size} shards={shards} budget={} items={} charged={} charged_per_item={} rss_growth={growth} rss_per_item={} rss_over_charged={:.3}{}",
+        if budget >= u64::MAX / 2 {
+            "unbounded".to_string()
+        } else {
+            budget.to_string()
+        },
+        stats.items,
+        stats.bytes,
+        stats.bytes / stats.items.max(1),
+        growth / stats.items.max(1),
+        growth as f64 / stats.bytes as f64,
+        if budget < u64::MAX / 2 {
+            format!(" rss_over_budget={:.3}", growth as f64 / budget as f64)
+        } else {
+            String::new()
+        },
+    );
 }
 
 /// Key indices of a Zipfian trace, ranks spread over the key space.
