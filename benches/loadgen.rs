@@ -503,7 +503,7 @@ fn print_result(
         line.push_str(tag);
     }
     line.push_str(&format!(
-        " kind={kind}{extra} ops={ops} secs={secs:.3} ops_per_s={ops_per_s:.1} p50_us={p50:.1} p90_us={p90:.1} p99_us={p99:.1} p999_us={p999:.1} max_us={max:.1} hit_ratio={hit_ratio:.4} errors={errors} gen_cpu_pct={gen:.1} server_cpu_pct={srv:.1} gen_cpu_us_per_op={gop:.2} server_cpu_us_per_op={sop:.2}",
+        " kind={kind}{extra} ops={ops} secs={secs:.3} ops_per_s={ops_per_s:.1} p50_us={p50:.1} p90_us={p90:.1} p99_us={p99:.1} p999_us={p999:.1} max_us={max:.1} hit_ratio={hit_ratio:.4} errors={errors} gen_cpu_pct={gen:.1} server_cpu_pct={srv:.1} gen_cpu_us_per_op={gop:.2} server_cpu_us_per_op={sop:.2} total_cpu_us_per_op={tot:.2}",
         ops = stats.ops,
         p50 = us(0.5),
         p90 = us(0.9),
@@ -515,6 +515,8 @@ fn print_result(
         srv = pct(cpu.1),
         gop = per_op(cpu.0),
         sop = per_op(cpu.1),
+        // Generator plus server: for direct SDK calls the client is all there is.
+        tot = per_op(cpu.0) + per_op(cpu.1).max(0.0),
     ));
     println!("{line}");
 }
@@ -1079,18 +1081,20 @@ fn report(args: &ReportArgs) {
         "p99_us",
         "p999_us",
         "server_cpu_us_per_op",
+        "gen_cpu_us_per_op",
+        "total_cpu_us_per_op",
         "gen_cpu_pct",
         "hit_ratio",
         "errors",
     ];
     println!(
-        "medians over rounds; ratio = server / {} (throughput: higher is better; latency and CPU per op: lower is better)\n",
+        "medians over rounds; ratio = server / {} (throughput: higher is better; latency and CPU per op: lower is better); total CPU = generator + server\n",
         args.baseline
     );
     println!(
-        "| workload | server | rounds | ops/s | p50 us | p99 us | p99.9 us | server CPU us/op | generator CPU % | hit ratio | errors | ops/s ratio | p99 ratio | CPU/op ratio |"
+        "| workload | server | rounds | ops/s | p50 us | p99 us | p99.9 us | server CPU us/op | generator CPU us/op | generator CPU % | hit ratio | errors | ops/s ratio | p50 ratio | p99 ratio | server CPU/op ratio | total CPU/op ratio |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (workload, servers) in &runs {
         let base: Option<BTreeMap<&str, f64>> = servers.get(&args.baseline).map(|m| {
             cols.iter()
@@ -1105,18 +1109,21 @@ fn report(args: &ReportArgs) {
             let rounds = metrics.get("ops_per_s").map_or(0, Vec::len);
             let ratio = |c: &str| base.as_ref().map_or(f64::NAN, |b| med[c] / b[c]);
             println!(
-                "| {workload} | {server} | {rounds} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {:.4} | {:.0} | {:.3} | {:.3} | {:.3} |",
+                "| {workload} | {server} | {rounds} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.0} | {:.4} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
                 med["ops_per_s"],
                 med["p50_us"],
                 med["p99_us"],
                 med["p999_us"],
                 med["server_cpu_us_per_op"],
+                med["gen_cpu_us_per_op"],
                 med["gen_cpu_pct"],
                 med["hit_ratio"],
                 med["errors"],
                 ratio("ops_per_s"),
+                ratio("p50_us"),
                 ratio("p99_us"),
                 ratio("server_cpu_us_per_op"),
+                ratio("total_cpu_us_per_op"),
             );
         }
     }

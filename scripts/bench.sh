@@ -216,7 +216,9 @@ fi
 if want miss; then
   KEYS=20000
   SPACE=(--keys "$KEYS" --key-size 16 --value-size 32)
-  CONC=16
+  # Concurrency 1 shows the latency each path adds; 8 loads DynamoDB Local,
+  # which then takes most of both cores.
+  CONCURRENCY=(1 8)
   log "miss/write paths: filling DynamoDB table 'misses' with $KEYS items"
   init_table misses
   loadgen_free ddb-fill --endpoint "$ENDPOINT" --table misses "${SPACE[@]}" >&2
@@ -229,20 +231,23 @@ if want miss; then
     "putitem|mc --addr 127.0.0.1:$DC_PORT --set-ratio 1|ddb --op put"
   )
   for round in $(seq "$ROUNDS"); do
-    for w in "${MISS_WORKLOADS[@]}"; do
-      IFS='|' read -r name via_dc via_sdk <<<"$w"
-      read -r -a dc_args <<<"$via_dc"
-      read -r -a sdk_args <<<"$via_sdk"
-      if [ $((round % 2)) = 1 ]; then order=(sdk dynacache); else order=(dynacache sdk); fi
-      for side in "${order[@]}"; do
-        log "round $round/$ROUNDS $name via $side"
-        if [ "$side" = sdk ]; then
-          loadgen_free "${sdk_args[@]}" --endpoint "$ENDPOINT" --table misses --connections "$CONC" \
-            "${SPACE[@]}" "${TIMING[@]}" --tag "workload=$name" --tag server=sdk --tag "round=$round" | tee -a "$RESULTS"
-        else
-          loadgen_free "${dc_args[@]}" --connections "$CONC" "${SPACE[@]}" "${TIMING[@]}" \
-            --server-pid "$DC_PID" --tag "workload=$name" --tag server=dynacache --tag "round=$round" | tee -a "$RESULTS"
-        fi
+    for conc in "${CONCURRENCY[@]}"; do
+      for w in "${MISS_WORKLOADS[@]}"; do
+        IFS='|' read -r base via_dc via_sdk <<<"$w"
+        name="$base-c$conc"
+        read -r -a dc_args <<<"$via_dc"
+        read -r -a sdk_args <<<"$via_sdk"
+        if [ $((round % 2)) = 1 ]; then order=(sdk dynacache); else order=(dynacache sdk); fi
+        for side in "${order[@]}"; do
+          log "round $round/$ROUNDS $name via $side"
+          if [ "$side" = sdk ]; then
+            loadgen_free "${sdk_args[@]}" --endpoint "$ENDPOINT" --table misses --connections "$conc" \
+              "${SPACE[@]}" "${TIMING[@]}" --tag "workload=$name" --tag server=sdk --tag "round=$round" | tee -a "$RESULTS"
+          else
+            loadgen_free "${dc_args[@]}" --connections "$conc" "${SPACE[@]}" "${TIMING[@]}" \
+              --server-pid "$DC_PID" --tag "workload=$name" --tag server=dynacache --tag "round=$round" | tee -a "$RESULTS"
+          fi
+        done
       done
     done
   done
