@@ -137,9 +137,13 @@ start_memcached() {
   log "memcached pid $MC_PID on 127.0.0.1:$MC_PORT (-t $THREADS -m $mem)"
 }
 
-# Starts dynacache on `table` with `max_local_age` and a memory limit; sets DC_PID, DC_PORT, DC_METRICS.
+# Starts dynacache on `table` with `max_local_age` and a memory limit; sets
+# DC_PID, DC_PORT, DC_METRICS. PIN_SERVER=0: not pinned (the miss/write runs,
+# where the direct-SDK client is not pinned either).
 start_dynacache() {
   local table="$1" age="$2" mem="${3:-${MEMORY_MB}MiB}" name="${4:-dynacache}"
+  local pin=("${ON_SERVER[@]}")
+  [ "${PIN_SERVER:-1}" = 0 ] && pin=()
   DC_PORT="$(free_port)"
   DC_METRICS="$(free_port)"
   local config="$OUT/$name.toml"
@@ -154,7 +158,7 @@ table = "$table"
 endpoint_url = "$ENDPOINT"
 EOF
   "$DYNACACHE" --config "$config" init-table >&2
-  TOKIO_WORKER_THREADS="$THREADS" "${ON_SERVER[@]}" "$DYNACACHE" --config "$config" 2>"$OUT/$name.log" &
+  TOKIO_WORKER_THREADS="$THREADS" "${pin[@]}" "$DYNACACHE" --config "$config" 2>"$OUT/$name.log" &
   DC_PID=$!
   PIDS+=("$DC_PID")
   wait_listening "$DC_PID" "$DC_PORT"
@@ -224,7 +228,7 @@ if want miss; then
   loadgen_free ddb-fill --endpoint "$ENDPOINT" --table misses "${SPACE[@]}" >&2
   # max_local_age 1ms: every get of a cached key re-reads it (a consistent
   # GetItem that finds the item, then fills the cache), as a miss does.
-  start_dynacache misses 1ms "${MEMORY_MB}MiB" dynacache-misses
+  PIN_SERVER=0 start_dynacache misses 1ms "${MEMORY_MB}MiB" dynacache-misses
   MISS_WORKLOADS=(
     "getitem-found|mc --addr 127.0.0.1:$DC_PORT|ddb --op get"
     "getitem-absent|mc --addr 127.0.0.1:$DC_PORT --key-prefix absent|ddb --op get --key-prefix absent"
