@@ -9,6 +9,7 @@
 #   scripts/bench.sh --only all      # everything
 #
 # Options: --rounds N, --duration SECS, --only hit|miss|memory|hit,miss|all,
+# --workloads REGEX (only the hit/miss workloads whose name matches),
 # --threads N (server threads, default 1), --no-pin, --out DIR (results; default
 # a temporary directory, printed at the end).
 #
@@ -29,6 +30,7 @@ ONLY="hit,miss"
 THREADS=1
 PIN=1
 OUT=""
+WORKLOADS_RE="."
 while [ $# -gt 0 ]; do
   case "$1" in
     --long) ROUNDS=5 DURATION=20 ;;
@@ -36,9 +38,10 @@ while [ $# -gt 0 ]; do
     --duration) DURATION="$2"; shift ;;
     --only) ONLY="$2"; shift ;;
     --threads) THREADS="$2"; shift ;;
+    --workloads) WORKLOADS_RE="$2"; shift ;;
     --no-pin) PIN=0 ;;
     --out) OUT="$2"; shift ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "bench: unknown option $1" >&2; exit 64 ;;
   esac
   shift
@@ -195,11 +198,13 @@ if want hit; then
     "get90-set10-50conn|--connections 50 --set-ratio 0.1"
     "multiget100-50conn|--connections 50 --multiget 100"
     "new-conn-per-get-16clients|--connections 16 --new-conn"
+    "new-conn-per-get-4clients|--connections 4 --new-conn"
     "hit-get-50conn-depth16-zipf|--connections 50 --depth 16 --dist zipf"
   )
   for round in $(seq "$ROUNDS"); do
     for w in "${WORKLOADS[@]}"; do
       name="${w%%|*}"
+      [[ "$name" =~ $WORKLOADS_RE ]] || continue
       read -r -a wargs <<<"${w#*|}"
       # Alternate which server goes first, so neither always follows the other.
       if [ $((round % 2)) = 1 ]; then order=(memcached dynacache); else order=(dynacache memcached); fi
@@ -239,6 +244,7 @@ if want miss; then
       for w in "${MISS_WORKLOADS[@]}"; do
         IFS='|' read -r base via_dc via_sdk <<<"$w"
         name="$base-c$conc"
+        [[ "$name" =~ $WORKLOADS_RE ]] || continue
         read -r -a dc_args <<<"$via_dc"
         read -r -a sdk_args <<<"$via_sdk"
         if [ $((round % 2)) = 1 ]; then order=(sdk dynacache); else order=(dynacache sdk); fi
