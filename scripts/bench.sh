@@ -3,7 +3,7 @@
 # aws-sdk-dynamodb calls on the miss and write paths, and its memory per item.
 # Every figure in BENCHMARKS.md comes from this script.
 #
-#   scripts/bench.sh                 # hit path + miss/write paths, ~5 minutes
+#   scripts/bench.sh                 # hit path + miss/write paths, ~10 minutes
 #   scripts/bench.sh --long          # 5 rounds of 20 s per workload
 #   scripts/bench.sh --only memory   # RSS with 1M items, budget check (~5 min)
 #   scripts/bench.sh --only all      # everything
