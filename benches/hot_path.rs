@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the hit path's parts: parsing, encoding, the cache,
-//! and a whole `get` hit through the engine (in-memory store: no DynamoDB).
+//! a whole `get` hit (and a 100-key multi-get) through the engine, and the
+//! connection loop over an in-memory stream (in-memory store: no DynamoDB).
 //!
 //! Each group has a baseline measured in the same run (a `Mutex<HashMap>`
 //! lookup, a bare `memchr`-free line split) so results read as ratios, which
@@ -8,14 +9,18 @@
 
 use std::collections::HashMap;
 use std::hint::black_box;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use criterion::{Criterion, criterion_group, criterion_main};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 use dynacache::cache::{Entry, ItemCache};
 use dynacache::engine::Engine;
 use dynacache::protocol::{Limits, Parsed, Reply, parse};
+use dynacache::server::ServeOptions;
 use dynacache::store::MemoryStore;
 
 fn protocol(c: &mut Criterion) {
@@ -151,7 +156,78 @@ fn engine(c: &mut Criterion) {
             rt.block_on(engine.execute(cmd, &mut out));
         })
     });
+
+    // A multi-get of 100 keys, all hits: the cost per key of the fast path.
+    let mut multi = b"get".to_vec();
+    rt.block_on(async {
+        for i in 0..100 {
+            let key = format!("key:{i:04}");
+            let set = [
+                format!("set {key} 0 0 32\r\n").as_bytes(),
+                &[b'v'; 32],
+                b"\r\n",
+            ]
+            .concat();
+            let Parsed::Request(cmd, _) = parse(&set, &limits) else {
+                unreachable!()
+            };
+            engine.execute(cmd, &mut out).await;
+            multi.extend_from_slice(format!(" {key}").as_bytes());
+        }
+    });
+    multi.extend_from_slice(b"\r\n");
+    c.bench_function("engine/get_100_hits", |b| {
+        b.iter(|| {
+            out.clear();
+            let Parsed::Request(cmd, _) = parse(black_box(&multi), &limits) else {
+                unreachable!()
+            };
+            rt.block_on(engine.execute(cmd, &mut out));
+        })
+    });
 }
 
-criterion_group!(benches, protocol, cache, engine);
+/// The whole per-connection loop (read, parse, execute, encode, one write per
+/// batch) over an in-memory stream: what a hit costs besides the syscalls.
+fn connection(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let engine = Arc::new(Engine::new(ItemCache::new(1 << 26, 16), MemoryStore::new()));
+    let options = ServeOptions {
+        limits: Limits::default(),
+        max_connections: 16,
+        shutdown_grace: Duration::from_secs(1),
+        idle_timeout: None,
+    };
+    let shutdown = CancellationToken::new();
+    let (mut client, server) = tokio::io::duplex(1 << 20);
+    rt.spawn({
+        let (engine, shutdown) = (engine.clone(), shutdown.clone());
+        async move { dynacache::connection::serve(server, &engine, &options, &shutdown).await }
+    });
+    let set = [&b"set session:abc 1 0 100\r\n"[..], &[b'x'; 100], b"\r\n"].concat();
+    let mut reply = vec![0u8; 8];
+    rt.block_on(async {
+        client.write_all(&set).await.unwrap();
+        client.read_exact(&mut reply).await.unwrap();
+    });
+    assert_eq!(reply, b"STORED\r\n");
+    let one = b"VALUE session:abc 1 100\r\n".len() + 100 + 2 + b"END\r\n".len();
+    for depth in [1usize, 16] {
+        let batch = b"get session:abc\r\n".repeat(depth);
+        let mut replies = vec![0u8; one * depth];
+        c.bench_function(&format!("connection/{depth}_pipelined_get_hits"), |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    client.write_all(&batch).await.unwrap();
+                    client.read_exact(&mut replies).await.unwrap();
+                })
+            })
+        });
+    }
+    shutdown.cancel();
+}
+
+criterion_group!(benches, protocol, cache, engine, connection);
 criterion_main!(benches);

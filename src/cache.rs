@@ -17,10 +17,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use hashbrown::HashTable;
 
-/// Bytes charged per entry besides its key and value: the slab slot, its
-/// hash-table index with the table's load-factor slack, and the allocator's
-/// header on the key+value allocation. Measured against RSS in BENCHMARKS.md.
-pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Slot>() + 8 + 16;
+/// Bytes charged per entry besides its key and value, so that the budget
+/// bounds real memory (measured against RSS in BENCHMARKS.md):
+/// - the slab slot;
+/// - its hash-table index: 4 bytes and a control byte per bucket, at a load
+///   factor between 7/16 and 7/8 (hashbrown doubles), so up to 12 bytes;
+/// - the key+value allocation's extras: the `Arc` counts (16 bytes), the
+///   allocator's header (8) and its rounding to 16 bytes (8 on average).
+pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Slot>() + 12 + 16 + 8 + 8;
+
+/// The slab grows by this fraction of its size rather than doubling, so its
+/// spare slots stay within the slack [`ENTRY_OVERHEAD`] does not charge.
+/// (Large slabs are reallocated by remapping pages, not by copying.)
+const SLAB_GROWTH_DIVISOR: usize = 8;
 
 const NIL: u32 = u32::MAX;
 
@@ -331,6 +340,10 @@ impl Shard {
                 idx
             }
             None => {
+                if self.slots.len() == self.slots.capacity() {
+                    self.slots
+                        .reserve_exact(self.slots.len() / SLAB_GROWTH_DIVISOR + 16);
+                }
                 self.slots.push(slot);
                 u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 entries per shard")
             }

@@ -40,6 +40,10 @@ where
     let mut wbuf = BytesMut::with_capacity(READ_CHUNK);
     // Bytes of a too-large data block still to throw away.
     let mut discard: u64 = 0;
+    // One shutdown waiter for the connection's life, not one per read:
+    // registering a fresh waiter on every read was 7% of a hit's instructions.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     loop {
         loop {
             if discard > 0 {
@@ -113,7 +117,7 @@ where
         };
         let read = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = &mut cancelled => return Ok(()),
             read = stream.read_buf(&mut rbuf) => read?,
             _ = idle => return Ok(()),
         };

@@ -1,0 +1,322 @@
+#!/usr/bin/env bash
+# bench.sh: dynacache against memcached on the hit path, against direct
+# aws-sdk-dynamodb calls on the miss and write paths, and its memory per item.
+# Every figure in BENCHMARKS.md comes from this script.
+#
+#   scripts/bench.sh                 # hit path + miss/write paths, ~10 minutes
+#   scripts/bench.sh --long          # 5 rounds of 20 s per workload
+#   scripts/bench.sh --only memory   # RSS with 1M items, budget check (~5 min)
+#   scripts/bench.sh --only all      # everything
+#
+# Options: --rounds N, --duration SECS, --only hit|miss|memory|hit,miss|all,
+# --workloads REGEX (only the hit/miss workloads whose name matches),
+# --threads N (server threads, default 1), --no-pin, --out DIR (results; default
+# a temporary directory, printed at the end).
+#
+# What it does: installs Debian's memcached if missing; starts its own
+# DynamoDB Local, memcached and dynacache on free loopback ports (never on a
+# port something else holds); with 2+ cores pins the servers to CPU 0 and the
+# load generator to CPU 1 (taskset), the same for both servers; warms both;
+# runs each workload on both servers in alternation (A B A B ...); prints
+# medians and ratios (`loadgen report`). Stops every process it started, on any
+# exit. Loopback only; every run is bounded.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+ROUNDS=3
+DURATION=5
+WARMUP=1
+ONLY="hit,miss"
+THREADS=1
+PIN=1
+OUT=""
+WORKLOADS_RE="."
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --long) ROUNDS=5 DURATION=20 ;;
+    --rounds) ROUNDS="$2"; shift ;;
+    --duration) DURATION="$2"; shift ;;
+    --only) ONLY="$2"; shift ;;
+    --threads) THREADS="$2"; shift ;;
+    --workloads) WORKLOADS_RE="$2"; shift ;;
+    --no-pin) PIN=0 ;;
+    --out) OUT="$2"; shift ;;
+    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+    *) echo "bench: unknown option $1" >&2; exit 64 ;;
+  esac
+  shift
+done
+[ "$ONLY" = all ] && ONLY="hit,miss,memory"
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+log() { echo "bench: $*" >&2; }
+
+OUT="${OUT:-$(mktemp -d /tmp/dynacache-bench.XXXXXX)}"
+mkdir -p "$OUT"
+RESULTS="$OUT/results.txt"
+: >"$RESULTS"
+
+# ---------------------------------------------------------------- processes we own
+PIDS=()
+DDB=scripts/dynamodb-local.sh
+DDB_PORT=""
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  [ -n "$DDB_PORT" ] && "$DDB" stop "$DDB_PORT" >&2 || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() { "$DDB" free-port; }
+
+# Waits until `pid` itself listens on `port` (never measure someone else's server).
+wait_listening() {
+  local pid="$1" port="$2"
+  for _ in $(seq 100); do
+    kill -0 "$pid" 2>/dev/null || { log "pid $pid exited"; return 1; }
+    ss -ltnpH "sport = :$port" 2>/dev/null | grep -q "pid=$pid," && return 0
+    sleep 0.1
+  done
+  log "pid $pid never listened on $port"
+  return 1
+}
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# ---------------------------------------------------------------- tools
+if ! command -v memcached >/dev/null; then
+  log "apt-get install memcached"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq memcached >/dev/null
+fi
+command -v ss >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq iproute2 >/dev/null; }
+
+log "building (release): dynacache and the load generator"
+cargo build --release --locked --bin dynacache >&2
+LOADGEN="$(cargo bench --locked --no-run --bench loadgen --message-format=json 2>/dev/null |
+  sed -n 's/.*"executable":"\([^"]*loadgen[^"]*\)".*/\1/p' | tail -n1)"
+[ -x "$LOADGEN" ] || { log "cannot find the loadgen executable"; exit 1; }
+DYNACACHE="$PWD/target/release/dynacache"
+
+NPROC="$(nproc)"
+if [ "$PIN" = 1 ] && [ "$NPROC" -ge 2 ]; then
+  SERVER_CPUS=0
+  GEN_CPUS=1
+  ON_SERVER=(taskset -c "$SERVER_CPUS")
+  ON_GEN=(taskset -c "$GEN_CPUS")
+else
+  ON_SERVER=()
+  ON_GEN=()
+fi
+loadgen() { "${ON_GEN[@]}" "$LOADGEN" --bench "$@"; }
+# The miss and write paths need DynamoDB Local's CPU more than pinning.
+loadgen_free() { "$LOADGEN" --bench "$@"; }
+
+export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_REGION=us-east-1
+export RUST_LOG="${RUST_LOG:-warn}"
+
+DDB_PORT="$(free_port)"
+"$DDB" start "$DDB_PORT" >&2
+ENDPOINT="http://127.0.0.1:$DDB_PORT"
+
+MEMORY_MB=1024
+
+# Starts memcached with the dynacache's thread count and memory; sets MC_PID, MC_PORT.
+start_memcached() {
+  local mem="${1:-$MEMORY_MB}"
+  MC_PORT="$(free_port)"
+  "${ON_SERVER[@]}" memcached -u nobody -l 127.0.0.1 -p "$MC_PORT" -U 0 -t "$THREADS" -m "$mem" -c 4096 &
+  MC_PID=$!
+  PIDS+=("$MC_PID")
+  wait_listening "$MC_PID" "$MC_PORT"
+  log "memcached pid $MC_PID on 127.0.0.1:$MC_PORT (-t $THREADS -m $mem)"
+}
+
+# Starts dynacache on `table` with `max_local_age` and a memory limit; sets
+# DC_PID, DC_PORT, DC_METRICS. PIN_SERVER=0: not pinned (the miss/write runs,
+# where the direct-SDK client is not pinned either).
+start_dynacache() {
+  local table="$1" age="$2" mem="${3:-${MEMORY_MB}MiB}" name="${4:-dynacache}"
+  local pin=("${ON_SERVER[@]}")
+  [ "${PIN_SERVER:-1}" = 0 ] && pin=()
+  DC_PORT="$(free_port)"
+  DC_METRICS="$(free_port)"
+  local config="$OUT/$name.toml"
+  cat >"$config" <<EOF
+listen = "127.0.0.1:$DC_PORT"
+metrics_listen = "127.0.0.1:$DC_METRICS"
+memory_limit = "$mem"
+max_local_age = "$age"
+max_connections = 4096
+[dynamodb]
+table = "$table"
+endpoint_url = "$ENDPOINT"
+EOF
+  "$DYNACACHE" --config "$config" init-table >&2
+  TOKIO_WORKER_THREADS="$THREADS" "${pin[@]}" "$DYNACACHE" --config "$config" 2>"$OUT/$name.log" &
+  DC_PID=$!
+  PIDS+=("$DC_PID")
+  wait_listening "$DC_PID" "$DC_PORT"
+  log "dynacache pid $DC_PID on 127.0.0.1:$DC_PORT (worker threads $THREADS, $mem, max_local_age $age, table $table)"
+}
+
+stop_pid() {
+  kill -TERM "$1" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "$1" 2>/dev/null || true
+}
+
+init_table() { "$DYNACACHE" --endpoint-url "$ENDPOINT" --table "$1" init-table >&2; }
+
+metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m {print $2}'; }
+
+TIMING=(--duration "${DURATION}s" --warmup "${WARMUP}s")
+
+# ---------------------------------------------------------------- hit path
+if want hit; then
+  KEYS=100000
+  SPACE=(--keys "$KEYS" --key-size 16 --value-size 32)
+  log "hit path: filling DynamoDB table 'hits' with $KEYS items"
+  init_table hits
+  loadgen_free ddb-fill --endpoint "$ENDPOINT" --table hits "${SPACE[@]}" >&2
+  start_memcached
+  start_dynacache hits 0s "${MEMORY_MB}MiB" dynacache-hits
+  loadgen mc --addr "127.0.0.1:$MC_PORT" "${SPACE[@]}" --warm set --warm-only >&2
+  loadgen mc --addr "127.0.0.1:$DC_PORT" "${SPACE[@]}" --warm get --warm-only >&2
+  declare -A ADDR=([memcached]="127.0.0.1:$MC_PORT" [dynacache]="127.0.0.1:$DC_PORT")
+  declare -A PID=([memcached]="$MC_PID" [dynacache]="$DC_PID")
+  WORKLOADS=(
+    "hit-get-50conn|--connections 50"
+    "get90-set10-50conn|--connections 50 --set-ratio 0.1"
+    "multiget100-50conn|--connections 50 --multiget 100"
+    "new-conn-per-get-16clients|--connections 16 --new-conn"
+    "new-conn-per-get-4clients|--connections 4 --new-conn"
+    "hit-get-50conn-depth16-zipf|--connections 50 --depth 16 --dist zipf"
+  )
+  for round in $(seq "$ROUNDS"); do
+    for w in "${WORKLOADS[@]}"; do
+      name="${w%%|*}"
+      [[ "$name" =~ $WORKLOADS_RE ]] || continue
+      read -r -a wargs <<<"${w#*|}"
+      # Alternate which server goes first, so neither always follows the other.
+      if [ $((round % 2)) = 1 ]; then order=(memcached dynacache); else order=(dynacache memcached); fi
+      for server in "${order[@]}"; do
+        log "round $round/$ROUNDS $name on $server"
+        loadgen mc --addr "${ADDR[$server]}" "${SPACE[@]}" "${wargs[@]}" "${TIMING[@]}" \
+          --server-pid "${PID[$server]}" --tag "workload=$name" --tag "server=$server" --tag "round=$round" \
+          | tee -a "$RESULTS"
+      done
+    done
+  done
+  log "dynacache cache after the hit runs: items $(metric "$DC_METRICS" dynacache_cache_items), hits $(metric "$DC_METRICS" dynacache_cache_hits_total), misses $(metric "$DC_METRICS" dynacache_cache_misses_total)"
+  stop_pid "$DC_PID"
+  stop_pid "$MC_PID"
+fi
+
+# ---------------------------------------------------------------- miss and write paths
+if want miss; then
+  KEYS=20000
+  SPACE=(--keys "$KEYS" --key-size 16 --value-size 32)
+  # Concurrency 1 shows the latency each path adds; 8 loads DynamoDB Local,
+  # which then takes most of both cores.
+  CONCURRENCY=(1 8)
+  log "miss/write paths: filling DynamoDB table 'misses' with $KEYS items"
+  init_table misses
+  loadgen_free ddb-fill --endpoint "$ENDPOINT" --table misses "${SPACE[@]}" >&2
+  # max_local_age 1ms: every get of a cached key re-reads it (a consistent
+  # GetItem that finds the item, then fills the cache), as a miss does.
+  PIN_SERVER=0 start_dynacache misses 1ms "${MEMORY_MB}MiB" dynacache-misses
+  MISS_WORKLOADS=(
+    "getitem-found|mc --addr 127.0.0.1:$DC_PORT|ddb --op get"
+    "getitem-absent|mc --addr 127.0.0.1:$DC_PORT --key-prefix absent|ddb --op get --key-prefix absent"
+    "putitem|mc --addr 127.0.0.1:$DC_PORT --set-ratio 1|ddb --op put"
+  )
+  for round in $(seq "$ROUNDS"); do
+    for conc in "${CONCURRENCY[@]}"; do
+      for w in "${MISS_WORKLOADS[@]}"; do
+        IFS='|' read -r base via_dc via_sdk <<<"$w"
+        name="$base-c$conc"
+        [[ "$name" =~ $WORKLOADS_RE ]] || continue
+        read -r -a dc_args <<<"$via_dc"
+        read -r -a sdk_args <<<"$via_sdk"
+        if [ $((round % 2)) = 1 ]; then order=(sdk dynacache); else order=(dynacache sdk); fi
+        for side in "${order[@]}"; do
+          log "round $round/$ROUNDS $name via $side"
+          if [ "$side" = sdk ]; then
+            loadgen_free "${sdk_args[@]}" --endpoint "$ENDPOINT" --table misses --connections "$conc" \
+              "${SPACE[@]}" "${TIMING[@]}" --tag "workload=$name" --tag server=sdk --tag "round=$round" | tee -a "$RESULTS"
+          else
+            loadgen_free "${dc_args[@]}" --connections "$conc" "${SPACE[@]}" "${TIMING[@]}" \
+              --server-pid "$DC_PID" --tag "workload=$name" --tag server=dynacache --tag "round=$round" | tee -a "$RESULTS"
+          fi
+        done
+      done
+    done
+  done
+  log "dynacache after the miss runs: revalidations $(metric "$DC_METRICS" dynacache_cache_revalidations_total), misses $(metric "$DC_METRICS" dynacache_cache_misses_total), coalesced $(metric "$DC_METRICS" dynacache_cache_coalesced_misses_total)"
+  stop_pid "$DC_PID"
+fi
+
+# ---------------------------------------------------------------- memory
+if want memory; then
+  ITEMS=1000000
+  SPACE=(--keys "$ITEMS" --key-size 16 --value-size 32)
+  MEMFILE="$OUT/memory.txt"
+  log "memory: filling DynamoDB table 'mem' with $ITEMS items (BatchWriteItem)"
+  init_table mem
+  loadgen_free ddb-fill --endpoint "$ENDPOINT" --table mem "${SPACE[@]}" >&2
+  {
+    # memcached: RSS before and after setting every key.
+    start_memcached 1024
+    sleep 1
+    before="$(rss_kib "$MC_PID")"
+    loadgen mc --addr "127.0.0.1:$MC_PORT" "${SPACE[@]}" --warm set --warm-only >&2
+    sleep 1
+    after="$(rss_kib "$MC_PID")"
+    items="$(printf 'stats\r\nquit\r\n' | nc -q 2 127.0.0.1 "$MC_PORT" | awk '/STAT curr_items/ {print $3}' | tr -d '\r')"
+    echo "MEMORY server=memcached limit_mib=1024 items=$items rss_before_kib=$before rss_after_kib=$after bytes_per_item=$(((after - before) * 1024 / items))"
+    stop_pid "$MC_PID"
+
+    # dynacache with room for every item, then with a budget a quarter of that.
+    for mem in 1024MiB 32MiB; do
+      start_dynacache mem 0s "$mem" "dynacache-mem-$mem"
+      sleep 1
+      before="$(rss_kib "$DC_PID")"
+      loadgen mc --addr "127.0.0.1:$DC_PORT" "${SPACE[@]}" --warm get --warm-only >&2
+      sleep 2.5 # the gauges refresh once a second
+      after="$(rss_kib "$DC_PID")"
+      items="$(metric "$DC_METRICS" dynacache_cache_items)"
+      bytes="$(metric "$DC_METRICS" dynacache_cache_bytes)"
+      limit="$(metric "$DC_METRICS" dynacache_cache_limit_bytes)"
+      echo "MEMORY server=dynacache limit=$mem limit_bytes=$limit items=$items cache_bytes=$bytes rss_before_kib=$before rss_after_kib=$after rss_growth_bytes=$(((after - before) * 1024)) bytes_per_item=$(((after - before) * 1024 / ${items%.*})) charged_per_item=$((${bytes%.*} / ${items%.*}))"
+      stop_pid "$DC_PID"
+    done
+  } | tee -a "$MEMFILE"
+fi
+
+# ---------------------------------------------------------------- report
+if [ -s "$RESULTS" ]; then
+  grep -Ev 'workload=(getitem|putitem)' "$RESULTS" >"$OUT/hit.txt" || true
+  grep -E 'workload=(getitem|putitem)' "$RESULTS" >"$OUT/miss.txt" || true
+  if [ -s "$OUT/hit.txt" ]; then
+    echo
+    echo "## hit path: dynacache / memcached"
+    "$LOADGEN" --bench report "$OUT/hit.txt" --baseline memcached
+  fi
+  if [ -s "$OUT/miss.txt" ]; then
+    echo
+    echo "## miss and write paths: dynacache / direct aws-sdk-dynamodb"
+    "$LOADGEN" --bench report "$OUT/miss.txt" --baseline sdk
+  fi
+fi
+echo
+echo "machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1), $(free -g | awk '/Mem:/ {print $2}') GiB; $(date -u +%Y-%m-%dT%H:%MZ)"
+echo "results: $OUT"
