@@ -23,11 +23,8 @@ impl<S: Store> Engine<S> {
         out: &mut BytesMut,
         view: View,
     ) -> Outcome {
-        // Refuse the whole request before answering any of it.
-        for key in keys.iter() {
-            if let Err(e) = self.store.check_key(key) {
-                return error_reply(out, &e);
-            }
+        if let Err(e) = self.check_keys(keys) {
+            return error_reply(out, &e);
         }
         let start = out.len();
         let now_ms = self.now_ms();
@@ -147,6 +144,12 @@ impl<S: Store> Engine<S> {
         Ok(found)
     }
 
+    /// Refuses a whole retrieval, before answering any of it, if the table
+    /// cannot hold one of its keys.
+    fn check_keys(&self, keys: Keys<'_>) -> Result<(), StoreError> {
+        keys.iter().try_for_each(|key| self.store.check_key(key))
+    }
+
     /// What the cache can do for `key`: a fresh entry, one past
     /// `max_local_age` (to re-read, kept as a fallback), or nothing.
     fn fresh(&self, key: &[u8], view: View, now_ms: u64) -> Lookup {
@@ -257,10 +260,8 @@ impl<S: Store> Engine<S> {
         out: &mut BytesMut,
         view: View,
     ) -> Outcome {
-        for key in keys.iter() {
-            if let Err(e) = self.store.check_key(key) {
-                return error_reply(out, &e);
-            }
+        if let Err(e) = self.check_keys(keys) {
+            return error_reply(out, &e);
         }
         let start = out.len();
         let mut all_hit = true;

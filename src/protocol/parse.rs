@@ -305,53 +305,56 @@ fn delete<'a>(tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
 
 /// `touch <key> <exptime> [noreply]`.
 fn touch<'a>(tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
-    let mut args = [&b""[..]; MAX_TOKENS];
-    let n = tokens.collect_into(&mut args);
-    if n != 2 && n != 3 {
-        return invalid(Reply::Error, line_len, false);
+    match key_and_number(tokens, BAD_EXPTIME) {
+        Ok((key, exptime, noreply)) => Parsed::Request(
+            Command::Touch {
+                key,
+                exptime,
+                noreply,
+            },
+            line_len,
+        ),
+        Err((reply, noreply)) => invalid(reply, line_len, noreply),
     }
-    let noreply = n == 3 && args[2] == b"noreply";
-    let key = args[0];
-    if key.len() > KEY_MAX_LEN {
-        return invalid(BAD_FORMAT, line_len, noreply);
-    }
-    let Some(exptime) = number::<i64>(args[1]) else {
-        return invalid(BAD_EXPTIME, line_len, noreply);
-    };
-    Parsed::Request(
-        Command::Touch {
-            key,
-            exptime,
-            noreply,
-        },
-        line_len,
-    )
 }
 
 /// `incr|decr <key> <delta> [noreply]`.
 fn arith<'a>(incr: bool, tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
+    match key_and_number(tokens, BAD_DELTA) {
+        Ok((key, delta, noreply)) => Parsed::Request(
+            Command::Arith {
+                incr,
+                key,
+                delta,
+                noreply,
+            },
+            line_len,
+        ),
+        Err((reply, noreply)) => invalid(reply, line_len, noreply),
+    }
+}
+
+/// `<key> <number> [noreply]`, the shape of `touch`, `incr` and `decr`;
+/// `bad_number` is memcached's reply to a number it cannot read. An error
+/// is the reply to send and whether the client asked for none.
+fn key_and_number<'a, T: std::str::FromStr>(
+    tokens: Tokens<'a>,
+    bad_number: Reply<'static>,
+) -> Result<(&'a [u8], T, bool), (Reply<'static>, bool)> {
     let mut args = [&b""[..]; MAX_TOKENS];
     let n = tokens.collect_into(&mut args);
     if n != 2 && n != 3 {
-        return invalid(Reply::Error, line_len, false);
+        return Err((Reply::Error, false));
     }
     let noreply = n == 3 && args[2] == b"noreply";
     let key = args[0];
     if key.len() > KEY_MAX_LEN {
-        return invalid(BAD_FORMAT, line_len, noreply);
+        return Err((BAD_FORMAT, noreply));
     }
-    let Some(delta) = number::<u64>(args[1]) else {
-        return invalid(BAD_DELTA, line_len, noreply);
-    };
-    Parsed::Request(
-        Command::Arith {
-            incr,
-            key,
-            delta,
-            noreply,
-        },
-        line_len,
-    )
+    match number::<T>(args[1]) {
+        Some(number) => Ok((key, number, noreply)),
+        None => Err((bad_number, noreply)),
+    }
 }
 
 /// `flush_all [delay] [noreply]`.
