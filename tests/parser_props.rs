@@ -348,3 +348,115 @@ proptest! {
         prop_assert!(rest.is_empty());
     }
 }
+
+/// One meta flag as a client sends it.
+#[derive(Debug, Clone)]
+enum MetaFlag {
+    Echo(u8),
+    Quiet,
+    Value,
+    Opaque(String),
+    Ttl(i32),
+    Cas(u64),
+    ClientFlags(u32),
+    Delta(u64),
+}
+
+impl MetaFlag {
+    fn letter(&self) -> u8 {
+        match self {
+            MetaFlag::Echo(c) => *c,
+            MetaFlag::Quiet => b'q',
+            MetaFlag::Value => b'v',
+            MetaFlag::Opaque(_) => b'O',
+            MetaFlag::Ttl(_) => b'T',
+            MetaFlag::Cas(_) => b'C',
+            MetaFlag::ClientFlags(_) => b'F',
+            MetaFlag::Delta(_) => b'D',
+        }
+    }
+
+    fn encode(&self) -> String {
+        match self {
+            MetaFlag::Echo(c) => (*c as char).to_string(),
+            MetaFlag::Quiet => "q".into(),
+            MetaFlag::Value => "v".into(),
+            MetaFlag::Opaque(o) => format!("O{o}"),
+            MetaFlag::Ttl(t) => format!("T{t}"),
+            MetaFlag::Cas(c) => format!("C{c}"),
+            MetaFlag::ClientFlags(f) => format!("F{f}"),
+            MetaFlag::Delta(d) => format!("D{d}"),
+        }
+    }
+}
+
+fn meta_flag() -> impl Strategy<Value = MetaFlag> {
+    prop_oneof![
+        prop::sample::select(b"cfkst".to_vec()).prop_map(MetaFlag::Echo),
+        Just(MetaFlag::Quiet),
+        Just(MetaFlag::Value),
+        "[a-zA-Z0-9]{0,31}".prop_map(MetaFlag::Opaque),
+        any::<i32>().prop_map(MetaFlag::Ttl),
+        any::<u64>().prop_map(MetaFlag::Cas),
+        any::<u32>().prop_map(MetaFlag::ClientFlags),
+        any::<u64>().prop_map(MetaFlag::Delta),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// mg, ms, md and ma with any valid set of flags, in any order.
+    #[test]
+    fn meta_commands_round_trip(
+        cmd in prop::sample::select(vec!["mg", "ms", "md", "ma"]),
+        key in key(),
+        flags in prop::collection::vec(meta_flag(), 0..10),
+        data in prop::collection::vec(any::<u8>(), 0..300),
+    ) {
+        // Each letter once: memcached refuses duplicates.
+        let mut seen = std::collections::HashSet::new();
+        let flags: Vec<MetaFlag> = flags.into_iter().filter(|f| seen.insert(f.letter())).collect();
+        let mut line = format!("{cmd} {key}");
+        if cmd == "ms" {
+            line.push_str(&format!(" {}", data.len()));
+        }
+        for flag in &flags {
+            line.push(' ');
+            line.push_str(&flag.encode());
+        }
+        let mut bytes = format!("{line}\r\n").into_bytes();
+        if cmd == "ms" {
+            bytes.extend_from_slice(&data);
+            bytes.extend_from_slice(b"\r\n");
+        }
+        let Parsed::Request(Command::Meta(meta), len) = parse(&bytes, &Limits::default()) else {
+            return Err(TestCaseError::fail(format!("{line:?} did not parse as a meta request")));
+        };
+        prop_assert_eq!(len, bytes.len());
+        prop_assert_eq!(meta.cmd.name(), cmd);
+        prop_assert_eq!(&meta.key[..], key.as_bytes());
+        prop_assert_eq!(meta.data, if cmd == "ms" { &data[..] } else { &b""[..] });
+        let echoed: Vec<u8> = flags
+            .iter()
+            .filter(|f| matches!(f, MetaFlag::Echo(_) | MetaFlag::Opaque(_)))
+            .map(MetaFlag::letter)
+            .collect();
+        prop_assert_eq!(meta.flags.echo(), &echoed[..], "return flags keep their order");
+        for flag in &flags {
+            match flag {
+                MetaFlag::Quiet => prop_assert!(meta.flags.quiet),
+                MetaFlag::Value => prop_assert!(meta.flags.value),
+                MetaFlag::Opaque(o) => prop_assert_eq!(meta.flags.opaque, o.as_bytes()),
+                MetaFlag::Ttl(t) => prop_assert_eq!(meta.flags.ttl, Some(i64::from(*t))),
+                MetaFlag::Cas(c) => prop_assert_eq!(meta.flags.cas, Some(*c)),
+                MetaFlag::ClientFlags(f) => prop_assert_eq!(meta.flags.client_flags, *f),
+                MetaFlag::Delta(d) => prop_assert_eq!(meta.flags.delta, *d),
+                MetaFlag::Echo(_) => {}
+            }
+        }
+        for cut in [0, 1, bytes.len() - 1] {
+            prop_assert_eq!(parse(&bytes[..cut], &Limits::default()), Parsed::Incomplete);
+        }
+    }
+}
