@@ -328,24 +328,29 @@ impl CommandMetrics {
 
     /// Counts one request: `command` must be one of [`COMMAND_NAMES`].
     pub fn command(&self, command: &'static str, outcome: Outcome) {
+        if let Some(idx) = command_index(command) {
+            self.count(idx, command, outcome);
+        }
+    }
+
+    /// Counts one finished request and records its latency: one name
+    /// lookup for both, since this runs for every request.
+    pub fn finished(&self, command: &'static str, outcome: Outcome, started: Instant) {
         let Some(idx) = command_index(command) else {
             return;
         };
+        self.count(idx, command, outcome);
+        self.durations[idx]
+            .get_or_init(|| metrics::histogram!(COMMAND_DURATION, "command" => command))
+            .record(started.elapsed().as_secs_f64());
+    }
+
+    fn count(&self, idx: usize, command: &'static str, outcome: Outcome) {
         self.commands[idx * Outcome::ALL + outcome as usize]
             .get_or_init(
                 || metrics::counter!(COMMANDS, "command" => command, "outcome" => outcome.name()),
             )
             .increment(1);
-    }
-
-    /// Records how long a request took since `started`.
-    pub fn duration(&self, command: &'static str, started: Instant) {
-        let Some(idx) = command_index(command) else {
-            return;
-        };
-        self.durations[idx]
-            .get_or_init(|| metrics::histogram!(COMMAND_DURATION, "command" => command))
-            .record(started.elapsed().as_secs_f64());
     }
 }
 

@@ -218,8 +218,7 @@ impl<S: Store> Engine<S> {
                 return Flow::Close;
             }
         };
-        self.metrics.command(name, outcome);
-        self.metrics.duration(name, started);
+        self.metrics.finished(name, outcome, started);
         Flow::Continue
     }
 
