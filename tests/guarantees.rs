@@ -147,7 +147,7 @@ async fn a_read_older_than_a_write_never_fills_the_cache() {
     // ...while a write of the key completes.
     let mut writer = server.client().await;
     assert_eq!(writer.call(b"set k 0 0 3\r\nnew\r\n").await, "STORED\r\n");
-    proxy.release_gets();
+    proxy.release();
     // The late read may answer what it read (it was concurrent with the write)...
     let answer = read.await.unwrap();
     assert!(answer.contains("old") || answer.contains("new"), "{answer}");
@@ -162,6 +162,50 @@ async fn a_read_older_than_a_write_never_fills_the_cache() {
         writer.call(b"get k\r\n").await,
         "VALUE k 0 3\r\nnew\r\nEND\r\n"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_one_key_reach_the_cache_in_dynamodb_order() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let proxy = FaultProxy::start(&db.endpoint).await;
+    let server = TestServer::start_custom(
+        via(&proxy, &settings),
+        64 * MB,
+        options(Duration::ZERO),
+        None,
+    )
+    .await;
+    // The first write is applied in DynamoDB, but its answer comes late...
+    proxy.hold_responses("PutItem", 1);
+    let mut first = server.client().await;
+    let first_write = tokio::spawn(async move { first.call(b"set k 0 0 5\r\nfirst\r\n").await });
+    let deadline = Instant::now() + WAIT;
+    while proxy.held() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first PutItem never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // ...and a second write to the key is sent meanwhile. Without per-key
+    // ordering it would reach DynamoDB, answer, and fill the cache before
+    // the first one's late answer overwrote the cache with the older value.
+    let mut second = server.client().await;
+    let second_write = tokio::spawn(async move { second.call(b"set k 0 0 6\r\nsecond\r\n").await });
+    // Give an unordered second write its chance to finish (it cannot here).
+    let chance = Instant::now() + Duration::from_millis(500);
+    while proxy.calls("PutItem") < 2 && Instant::now() < chance {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.release();
+    assert_eq!(first_write.await.unwrap(), "STORED\r\n");
+    assert_eq!(second_write.await.unwrap(), "STORED\r\n");
+    let in_table = table_item(&db.client(), &settings, "k").await.unwrap();
+    assert_eq!(in_table["value"].as_b().unwrap().as_ref(), b"second");
+    let cached = server.engine.cache().get(b"k", 0).expect("cached");
+    assert_eq!(cached.value(), b"second", "the cache ends as DynamoDB does");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,8 +32,10 @@ struct Shared {
     upstream: SocketAddr,
     fault: AtomicU8,
     delay_ms: AtomicU64,
-    /// While set, responses to GetItem requests are held until released.
-    hold_get_responses: AtomicBool,
+    /// Responses to this operation are held until released...
+    hold_op: Mutex<Option<String>>,
+    /// ...this many of them (the later ones pass).
+    hold_budget: AtomicU64,
     held: AtomicU64,
     release: Notify,
     calls: Mutex<HashMap<String, u64>>,
@@ -57,7 +59,8 @@ impl FaultProxy {
             upstream,
             fault: AtomicU8::new(Fault::Pass as u8),
             delay_ms: AtomicU64::new(0),
-            hold_get_responses: AtomicBool::new(false),
+            hold_op: Mutex::new(None),
+            hold_budget: AtomicU64::new(0),
             held: AtomicU64::new(0),
             release: Notify::new(),
             calls: Mutex::new(HashMap::new()),
@@ -87,19 +90,25 @@ impl FaultProxy {
     }
 
     /// Holds GetItem responses (the read has happened in DynamoDB, its
-    /// answer is late) until [`FaultProxy::release_gets`].
+    /// answer is late) until [`FaultProxy::release`].
     pub fn hold_get_responses(&self) {
-        self.shared.hold_get_responses.store(true, Ordering::SeqCst);
+        self.hold_responses("GetItem", u64::MAX);
     }
 
-    pub fn release_gets(&self) {
-        self.shared
-            .hold_get_responses
-            .store(false, Ordering::SeqCst);
+    /// Holds the next `count` responses to `operation` (it has happened in
+    /// DynamoDB; its answer is late) until [`FaultProxy::release`].
+    pub fn hold_responses(&self, operation: &str, count: u64) {
+        *self.shared.hold_op.lock().unwrap() = Some(operation.to_string());
+        self.shared.hold_budget.store(count, Ordering::SeqCst);
+    }
+
+    pub fn release(&self) {
+        *self.shared.hold_op.lock().unwrap() = None;
+        self.shared.hold_budget.store(0, Ordering::SeqCst);
         self.shared.release.notify_waiters();
     }
 
-    /// GetItem responses being held now.
+    /// Responses being held now.
     pub fn held(&self) -> u64 {
         self.shared.held.load(Ordering::SeqCst)
     }
@@ -159,11 +168,12 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
     let client_wr = Arc::new(tokio::sync::Mutex::new(client_wr));
     let (mut up_rd, mut up_wr) = upstream.into_split();
     // Set by the request side when the request in flight is a GetItem.
-    let last_was_get = Arc::new(AtomicBool::new(false));
+    // The operation of the request in flight on this connection.
+    let last_op = Arc::new(Mutex::new(String::new()));
 
     let requests = {
         let shared = shared.clone();
-        let last_was_get = last_was_get.clone();
+        let last_op = last_op.clone();
         let client_wr = client_wr.clone();
         async move {
             let mut buf = vec![0u8; 64 * 1024];
@@ -198,7 +208,7 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
                     Fault::Pass => {}
                 }
                 if let Some(op) = op {
-                    last_was_get.store(op == "GetItem", Ordering::SeqCst);
+                    *last_op.lock().unwrap() = op.clone();
                     *shared.calls.lock().unwrap().entry(op).or_default() += 1;
                 }
                 let delay = shared.delay_ms.load(Ordering::SeqCst);
@@ -220,12 +230,18 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
-                if shared.hold_get_responses.load(Ordering::SeqCst)
-                    && last_was_get.load(Ordering::SeqCst)
-                {
+                let hold = {
+                    let op = last_op.lock().unwrap();
+                    shared.hold_op.lock().unwrap().as_deref() == Some(op.as_str())
+                        && shared
+                            .hold_budget
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok()
+                };
+                if hold {
                     shared.held.fetch_add(1, Ordering::SeqCst);
                     let released = shared.release.notified();
-                    if shared.hold_get_responses.load(Ordering::SeqCst) {
+                    if shared.hold_op.lock().unwrap().is_some() {
                         released.await;
                     }
                     shared.held.fetch_sub(1, Ordering::SeqCst);
