@@ -274,6 +274,12 @@ async fn keys_the_table_cannot_hold_are_client_errors() {
     assert!(reply.starts_with("CLIENT_ERROR "), "{reply}");
     // The connection is still usable.
     assert_eq!(c.call(b"set ok 0 0 1\r\nx\r\n").await, "STORED\r\n");
+    // A cached key beside one the table cannot hold: only the error, no value.
+    let reply = c.call(b"get ok \xff\r\n").await;
+    assert!(
+        reply.starts_with("CLIENT_ERROR ") && !reply.contains("VALUE"),
+        "{reply}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

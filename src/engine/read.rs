@@ -23,13 +23,12 @@ impl<S: Store> Engine<S> {
         out: &mut BytesMut,
         view: View,
     ) -> Outcome {
-        if let Err(e) = self.check_keys(keys) {
-            return error_reply(out, &e);
-        }
         let start = out.len();
         let now_ms = self.now_ms();
         // Fast path: answer hits straight from the cache, allocating nothing,
-        // until the first key that needs the store.
+        // until the first key that needs the store. Keys are checked against
+        // the table on the slow path only: a key the table cannot hold was
+        // never stored, so it is never a hit.
         let mut rest = keys.iter();
         let mut first_miss = None;
         for key in rest.by_ref() {
@@ -58,6 +57,11 @@ impl<S: Store> Engine<S> {
             if !matches!(lookup, Lookup::Fresh(_)) && !wanted.contains(key) {
                 wanted.push(key);
             }
+        }
+        // Refuse the whole request, hits answered so far included.
+        if let Err(e) = wanted.iter().try_for_each(|key| self.store.check_key(key)) {
+            out.truncate(start);
+            return error_reply(out, &e);
         }
         let fetched = match self.fetch(&wanted, view).await {
             Ok(fetched) => Some(fetched),
