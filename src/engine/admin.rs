@@ -63,10 +63,7 @@ impl<S: Store> Engine<S> {
 
     /// Background upkeep for as long as the engine serves: the flush marker.
     pub async fn run_upkeep(&self, shutdown: tokio_util::sync::CancellationToken) {
-        let period = match self.options.max_local_age {
-            d if d.is_zero() => std::time::Duration::from_secs(2),
-            d => d,
-        };
+        let period = self.options.flush_poll_period();
         // The first look is the caller's, at start-up.
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -63,7 +63,8 @@ pub enum Flow {
 pub struct EngineOptions {
     /// A cached entry older than this is re-read from the store before it is
     /// served, bounding how long a write through another sidecar goes
-    /// unseen; also how often other sidecars' `flush_all` is looked for.
+    /// unseen; also how often other sidecars' `flush_all` is looked for
+    /// (see [`EngineOptions::flush_poll_period`]).
     /// Zero: never re-read (a single sidecar per table).
     pub max_local_age: Duration,
     /// When that re-read fails, serve the old copy instead of an error
@@ -73,6 +74,23 @@ pub struct EngineOptions {
     pub flush_enabled: bool,
     /// `stats settings` lines describing the configuration.
     pub settings_report: Vec<(&'static str, String)>,
+}
+
+/// The shortest period between two reads of the `flush_all` marker: one
+/// strongly consistent GetItem per second per sidecar at most, however small
+/// `max_local_age` is (at 1 ms it would be a thousand a second, each billed).
+pub const MIN_FLUSH_POLL: Duration = Duration::from_secs(1);
+
+impl EngineOptions {
+    /// How often the `flush_all` marker is read: `max_local_age`, but not
+    /// more often than [`MIN_FLUSH_POLL`], and every 2 s when it is zero. A
+    /// flush through another sidecar is honoured here within this period.
+    pub fn flush_poll_period(&self) -> Duration {
+        match self.max_local_age {
+            d if d.is_zero() => Duration::from_secs(2),
+            d => d.max(MIN_FLUSH_POLL),
+        }
+    }
 }
 
 impl Default for EngineOptions {

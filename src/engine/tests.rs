@@ -324,6 +324,38 @@ async fn flush_all_hides_older_items_from_cache_and_store() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn flush_marker_is_read_at_most_once_a_second() {
+    // max_local_age of 1 ms must not become a thousand marker reads a second.
+    let options = EngineOptions {
+        max_local_age: Duration::from_millis(1),
+        ..EngineOptions::default()
+    };
+    assert_eq!(options.flush_poll_period(), MIN_FLUSH_POLL);
+    let e = Arc::new(Engine::with_options(
+        ItemCache::new(1 << 20, 4),
+        MemoryStore::new(),
+        options,
+    ));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let upkeep = tokio::spawn({
+        let (e, shutdown) = (e.clone(), shutdown.clone());
+        async move { e.run_upkeep(shutdown).await }
+    });
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    shutdown.cancel();
+    upkeep.await.unwrap();
+    assert_eq!(e.store().calls(), 3, "one read at 1 s, 2 s and 3 s");
+    // Longer ages are kept; zero (never re-read) still polls every 2 s.
+    for (age, period) in [(5000, 5000), (0, 2000)] {
+        let options = EngineOptions {
+            max_local_age: Duration::from_millis(age),
+            ..EngineOptions::default()
+        };
+        assert_eq!(options.flush_poll_period(), Duration::from_millis(period));
+    }
+}
+
 #[tokio::test]
 async fn flush_all_can_be_refused() {
     let options = EngineOptions {
