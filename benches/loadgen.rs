@@ -24,6 +24,11 @@ use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
+
+/// dynacache's allocator here too, so the direct-SDK baseline gets what the
+/// sidecar gets (a client on glibc's malloc spends more CPU per call).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, Zipf};
@@ -164,6 +169,10 @@ struct DdbArgs {
     /// Concurrent requests (one task each, one request at a time).
     #[arg(long, default_value_t = 16)]
     connections: usize,
+    /// Busy-wait this long between a reply and the next request (e.g. 40us),
+    /// as a request through a sidecar leaves DynamoDB idle for the hop.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    think: Option<Duration>,
     #[command(flatten)]
     space: KeySpace,
     #[command(flatten)]
@@ -888,6 +897,7 @@ async fn ddb_task(
     keys: Arc<Keys>,
     id: u64,
     window: Window,
+    think: Option<Duration>,
 ) -> Stats {
     let settings = DynamoSettings::default();
     let mut stats = Stats::new();
@@ -896,6 +906,12 @@ async fn ddb_task(
     let value = vec![b'x'; keys.space.value_size];
     let mut version = id << 40;
     while Instant::now() < window.end {
+        if let Some(think) = think {
+            let until = Instant::now() + think;
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
         let key = keys.key(keys.pick(&mut rng));
         let sent = Instant::now();
         let counted = sent >= window.measure_from;
@@ -949,6 +965,7 @@ async fn ddb(args: DdbArgs) {
                 keys.clone(),
                 id,
                 window,
+                args.think,
             ))
         })
         .collect();

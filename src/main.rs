@@ -179,6 +179,12 @@ impl Cli {
     }
 }
 
+/// mimalloc rather than glibc's malloc: no per-allocation header and finer
+/// size classes (a cached 48-byte item's 64-byte allocation takes 64 bytes,
+/// not 80), and 13% less CPU per DynamoDB miss (BENCHMARKS.md, section 2).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match cli.config() {
