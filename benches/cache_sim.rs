@@ -19,7 +19,11 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use rand_distr::{Distribution, Zipf};
 
-use dynacache::cache::{ENTRY_OVERHEAD, Entry, ItemCache};
+use dynacache::cache::{Entry, ItemCache, entry_charge};
+
+/// The binary's allocator, so `--memory` measures what production uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 struct Cli {
@@ -84,7 +88,7 @@ fn main() {
     for &s in &cli.zipf_s {
         let trace = zipf_trace(cli.keys, cli.requests, s, cli.seed);
         for &share in &cli.budgets {
-            let item_charge = 16 + cli.value_size + ENTRY_OVERHEAD;
+            let item_charge = entry_charge(16 + cli.value_size);
             let budget = (share * cli.keys as f64 * item_charge as f64) as u64;
             let capacity = (budget / item_charge as u64) as usize;
             let lru = replay_item_cache(&trace, budget, 1, cli.value_size);
@@ -125,6 +129,14 @@ fn memory(items: u64, budget: Option<u64>, value_size: usize) {
     let cache = ItemCache::new(budget, shards);
     for i in 0..items {
         cache.insert(Entry::new(&key_of(i), &value, 0, 0, 1));
+    }
+    // mimalloc returns freed memory (the slab's and table's old arrays as
+    // they grew) to the OS one second after the free, on a later call into
+    // the allocator: wait that out, then allocate, as a serving process does.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    for _ in 0..4 {
+        let churn: Vec<Vec<u8>> = (0..10_000).map(|i| vec![0u8; 64 + i % 512]).collect();
+        drop(std::hint::black_box(churn));
     }
     let after = rss_bytes();
     let stats = cache.stats();
@@ -432,14 +444,14 @@ fn self_check() {
         ("s3-fifo", replay(&trace, &mut S3Fifo::new(20))),
         (
             "exact-lru",
-            replay_item_cache(&trace, 10 * (48 + ENTRY_OVERHEAD) as u64, 1, 32),
+            replay_item_cache(&trace, 10 * entry_charge(48) as u64, 1, 32),
         ),
     ] {
         assert!((r - 1.0).abs() < 1e-9, "{name}: {r}");
     }
     // One hot key between one-time keys: each policy keeps the hot key.
     let trace: Vec<u64> = (1..500).flat_map(|k| [0, k]).collect();
-    let lru = replay_item_cache(&trace, 2 * (48 + ENTRY_OVERHEAD) as u64, 1, 32);
+    let lru = replay_item_cache(&trace, 2 * entry_charge(48) as u64, 1, 32);
     let sieve = replay(&trace, &mut Sieve::new(2));
     let s3 = replay(&trace, &mut S3Fifo::new(10));
     for (name, r) in [("exact-lru", lru), ("sieve", sieve), ("s3-fifo", s3)] {

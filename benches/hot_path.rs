@@ -18,6 +18,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use dynacache::cache::{Entry, ItemCache};
+
+/// The binary's allocator: a hit allocates its copy of the item.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use dynacache::engine::Engine;
 use dynacache::protocol::{Limits, Parsed, Reply, parse};
 use dynacache::server::ServeOptions;
@@ -120,7 +124,7 @@ fn cache(c: &mut Criterion) {
     });
     // A budget of a tenth of the keys: every insert evicts.
     let small = ItemCache::new(
-        (KEYS / 10 * (value.len() + 12 + dynacache::cache::ENTRY_OVERHEAD)) as u64,
+        (KEYS / 10 * dynacache::cache::entry_charge(value.len() + 12)) as u64,
         16,
     );
     g.bench_function("insert_evict", |b| {

@@ -269,20 +269,25 @@ fi
 if want memory; then
   ITEMS=1000000
   SPACE=(--keys "$ITEMS" --key-size 16 --value-size 32)
+  FIRST_TENTH=(--keys "$((ITEMS / 10))" --key-size 16 --value-size 32)
   MEMFILE="$OUT/memory.txt"
   log "memory: filling DynamoDB table 'mem' with $ITEMS items (BatchWriteItem)"
   init_table mem
   loadgen_free ddb-fill --endpoint "$ENDPOINT" --table mem "${SPACE[@]}" >&2
   {
     # memcached: RSS before and after setting every key.
+    # Also RSS after the first tenth: (after - tenth) / (9/10 of the items)
+    # is the cost of one more item, without the fixed costs of start-up.
     start_memcached 1024
     sleep 1
     before="$(rss_kib "$MC_PID")"
+    loadgen mc --addr "127.0.0.1:$MC_PORT" "${FIRST_TENTH[@]}" --warm set --warm-only >&2
+    tenth="$(rss_kib "$MC_PID")"
     loadgen mc --addr "127.0.0.1:$MC_PORT" "${SPACE[@]}" --warm set --warm-only >&2
     sleep 1
     after="$(rss_kib "$MC_PID")"
     items="$(printf 'stats\r\nquit\r\n' | nc -q 2 127.0.0.1 "$MC_PORT" | awk '/STAT curr_items/ {print $3}' | tr -d '\r')"
-    echo "MEMORY server=memcached limit_mib=1024 items=$items rss_before_kib=$before rss_after_kib=$after bytes_per_item=$(((after - before) * 1024 / items))"
+    echo "MEMORY server=memcached limit_mib=1024 items=$items rss_before_kib=$before rss_tenth_kib=$tenth rss_after_kib=$after bytes_per_item=$(((after - before) * 1024 / items)) marginal_bytes_per_item=$(((after - tenth) * 1024 / (items - ITEMS / 10)))"
     stop_pid "$MC_PID"
 
     # dynacache with room for every item, then with a budget a quarter of that.
@@ -290,13 +295,19 @@ if want memory; then
       start_dynacache mem 0s "$mem" "dynacache-mem-$mem"
       sleep 1
       before="$(rss_kib "$DC_PID")"
-      loadgen mc --addr "127.0.0.1:$DC_PORT" "${SPACE[@]}" --warm get --warm-only >&2
+      loadgen mc --addr "127.0.0.1:$DC_PORT" "${FIRST_TENTH[@]}" --warm get --warm-only >&2
+      tenth="$(rss_kib "$DC_PID")"
       sleep 2.5 # the gauges refresh once a second
+      tenth_items="$(metric "$DC_METRICS" dynacache_cache_items)"
+      loadgen mc --addr "127.0.0.1:$DC_PORT" "${SPACE[@]}" --warm get --warm-only >&2
+      sleep 2.5
       after="$(rss_kib "$DC_PID")"
       items="$(metric "$DC_METRICS" dynacache_cache_items)"
       bytes="$(metric "$DC_METRICS" dynacache_cache_bytes)"
       limit="$(metric "$DC_METRICS" dynacache_cache_limit_bytes)"
-      echo "MEMORY server=dynacache limit=$mem limit_bytes=$limit items=$items cache_bytes=$bytes rss_before_kib=$before rss_after_kib=$after rss_growth_bytes=$(((after - before) * 1024)) bytes_per_item=$(((after - before) * 1024 / ${items%.*})) charged_per_item=$((${bytes%.*} / ${items%.*}))"
+      added=$((${items%.*} - ${tenth_items%.*}))
+      [ "$added" -gt 0 ] && marginal=$(((after - tenth) * 1024 / added)) || marginal=NaN
+      echo "MEMORY server=dynacache limit=$mem limit_bytes=$limit items=$items cache_bytes=$bytes rss_before_kib=$before rss_tenth_kib=$tenth rss_after_kib=$after rss_growth_bytes=$(((after - before) * 1024)) bytes_per_item=$(((after - before) * 1024 / ${items%.*})) marginal_bytes_per_item=$marginal charged_per_item=$((${bytes%.*} / ${items%.*}))"
       stop_pid "$DC_PID"
     done
   } | tee -a "$MEMFILE"

@@ -2,9 +2,11 @@
 //!
 //! Sharded so that cores do not contend on one lock; each shard is an exact
 //! LRU list over a slab of entries with a byte budget, so get, insert and
-//! evict are O(1). An entry's key and value share one allocation
-//! (`Arc<[u8]>`), so a hit hands the bytes to the reply without copying them
-//! under the lock, and the hash table holds only 4-byte slab indices.
+//! evict are O(1). A cached item costs one 48-byte slab slot (its metadata
+//! and LRU links), one allocation holding exactly its key and value, and a
+//! 4-byte slab index in the hash table: less than memcached's per-item
+//! overhead (BENCHMARKS.md, section 3). A hit copies the key and value out
+//! under the shard lock, into the [`Entry`] it returns.
 //!
 //! The cache never talks to DynamoDB and decides nothing about consistency:
 //! the engine tells it what to hold. It only keeps the byte budget (counting
@@ -17,19 +19,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use hashbrown::HashTable;
 
-/// Bytes charged per entry besides its key and value, so that the budget
-/// bounds real memory (measured against RSS in BENCHMARKS.md):
-/// - the slab slot;
+/// Bytes charged per entry besides its key and value's allocation (see
+/// [`allocation_size`]), so that the budget bounds real memory (measured
+/// against RSS in BENCHMARKS.md):
+/// - the slab slot (48 bytes);
 /// - its hash-table index: 4 bytes and a control byte per bucket, at a load
-///   factor between 7/16 and 7/8 (hashbrown doubles), so up to 12 bytes;
-/// - the key+value allocation's extras: the `Arc` counts (16 bytes), the
-///   allocator's header (8) and its rounding to 16 bytes (8 on average).
-pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Slot>() + 12 + 16 + 8 + 8;
+///   factor between 7/16 and 7/8 (hashbrown doubles), so up to 12 bytes.
+pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Slot>() + 12;
 
-/// The slab grows by this fraction of its size rather than doubling, so its
-/// spare slots stay within the slack [`ENTRY_OVERHEAD`] does not charge.
-/// (Large slabs are reallocated by remapping pages, not by copying.)
-const SLAB_GROWTH_DIVISOR: usize = 8;
+/// What an allocation of `len` bytes takes with mimalloc, the binary's
+/// allocator: no header, and sizes rounded up to 8 bytes up to 64, then to
+/// a quarter of the power of two below (80, 96, 112, 128, 160, ...).
+pub fn allocation_size(len: usize) -> usize {
+    if len <= 64 {
+        return len.next_multiple_of(8);
+    }
+    let step = (len - 1).checked_ilog2().map_or(1, |log| 1usize << log) / 4;
+    len.next_multiple_of(step)
+}
 
 const NIL: u32 = u32::MAX;
 
@@ -82,7 +89,7 @@ impl Entry {
 
     /// Bytes this entry is charged against the budget.
     pub fn charge(&self) -> usize {
-        self.kv.len() + ENTRY_OVERHEAD
+        entry_charge(self.kv.len())
     }
 
     pub fn is_expired(&self, now: u32) -> bool {
@@ -145,14 +152,14 @@ impl ItemCache {
         let hash = self.hasher.hash_one(key);
         let mut shard = lock(self.shard(hash));
         let idx = shard.find(hash, key)?;
-        if shard.slots[idx as usize].entry.is_expired(now) {
+        if shard.slots[idx].is_expired(now) {
             shard.remove_at(hash, idx);
             drop(shard);
             self.expirations.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         shard.touch(idx);
-        Some(shard.slots[idx as usize].entry.clone())
+        Some(shard.slots[idx].entry())
     }
 
     /// Stores `entry`, replacing any entry for its key, evicting least
@@ -164,15 +171,16 @@ impl ItemCache {
         if let Some(idx) = shard.find(hash, entry.key()) {
             shard.remove_at(hash, idx);
         }
+        let hasher = &self.hasher;
         if entry.charge() > shard.limit {
             return false;
         }
         let mut evicted = 0;
         while shard.bytes + entry.charge() > shard.limit {
-            shard.evict_lru();
+            shard.evict_lru(hasher);
             evicted += 1;
         }
-        shard.push(hash, entry);
+        shard.push(hash, &entry, hasher);
         drop(shard);
         if evicted > 0 {
             self.evictions.fetch_add(evicted, Ordering::Relaxed);
@@ -211,7 +219,7 @@ impl ItemCache {
             shard.limit = per_shard;
             let mut evicted = 0;
             while shard.bytes > shard.limit {
-                shard.evict_lru();
+                shard.evict_lru(&self.hasher);
                 evicted += 1;
             }
             drop(shard);
@@ -238,6 +246,11 @@ impl ItemCache {
     }
 }
 
+/// Bytes an entry whose key and value total `kv_len` is charged against the budget.
+pub fn entry_charge(kv_len: usize) -> usize {
+    allocation_size(kv_len) + ENTRY_OVERHEAD
+}
+
 fn per_shard_limit(limit_bytes: u64, shards: usize) -> usize {
     usize::try_from(limit_bytes / shards as u64).unwrap_or(usize::MAX)
 }
@@ -248,19 +261,104 @@ fn lock(shard: &Mutex<Shard>) -> std::sync::MutexGuard<'_, Shard> {
     shard.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// An entry in the slab: 48 bytes. Its hash is not kept (the key's is
+/// computed again when the table grows or the entry leaves), and the key's
+/// length shares a word with the fill time.
 struct Slot {
-    entry: Entry,
-    hash: u64,
+    /// The key followed by the value, exactly that long.
+    kv: Box<[u8]>,
+    version: u64,
+    /// `filled_at_ms` in the low 56 bits, the key's length in the top 8.
+    filled_and_key_len: u64,
+    flags: u32,
+    expires_at: u32,
     /// Towards the most recently used end.
     prev: u32,
     /// Towards the least recently used end.
     next: u32,
 }
 
+const FILLED_BITS: u32 = 56;
+const FILLED_MASK: u64 = (1 << FILLED_BITS) - 1;
+
+impl Slot {
+    fn new(entry: &Entry) -> Slot {
+        Slot {
+            kv: Box::from(&entry.kv[..]),
+            version: entry.version,
+            // 2^56 ms is two million years of uptime.
+            filled_and_key_len: entry.filled_at_ms.min(FILLED_MASK)
+                | u64::from(entry.key_len) << FILLED_BITS,
+            flags: entry.flags,
+            expires_at: entry.expires_at,
+            prev: NIL,
+            next: NIL,
+        }
+    }
+
+    fn key(&self) -> &[u8] {
+        &self.kv[..(self.filled_and_key_len >> FILLED_BITS) as usize]
+    }
+
+    fn is_expired(&self, now: u32) -> bool {
+        self.expires_at != 0 && self.expires_at <= now
+    }
+
+    /// A copy for the caller, made under the shard's lock.
+    fn entry(&self) -> Entry {
+        Entry {
+            kv: Arc::from(&self.kv[..]),
+            key_len: (self.filled_and_key_len >> FILLED_BITS) as u8,
+            flags: self.flags,
+            expires_at: self.expires_at,
+            version: self.version,
+            filled_at_ms: self.filled_and_key_len & FILLED_MASK,
+        }
+    }
+}
+
+/// The slab: slots indexed by a `u32`.
+#[derive(Default)]
+struct Slab {
+    slots: Vec<Slot>,
+}
+
+impl Slab {
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Appends `slot`, returning its index. Grows by an eighth rather than
+    /// doubling, so spare slots stay within the slack [`ENTRY_OVERHEAD`]
+    /// leaves (a large array is reallocated by remapping pages).
+    fn push(&mut self, slot: Slot) -> u32 {
+        let idx = u32::try_from(self.slots.len()).expect("fewer than 2^32 entries per shard");
+        if self.slots.len() == self.slots.capacity() {
+            self.slots.reserve_exact(self.slots.len() / 8 + 16);
+        }
+        self.slots.push(slot);
+        idx
+    }
+}
+
+impl std::ops::Index<u32> for Slab {
+    type Output = Slot;
+    fn index(&self, idx: u32) -> &Slot {
+        &self.slots[idx as usize]
+    }
+}
+
+impl std::ops::IndexMut<u32> for Slab {
+    fn index_mut(&mut self, idx: u32) -> &mut Slot {
+        &mut self.slots[idx as usize]
+    }
+}
+
 /// One shard: a hash table of slab indices and an LRU list through the slab.
 struct Shard {
     table: HashTable<u32>,
-    slots: Vec<Slot>,
+    slots: Slab,
     free: Vec<u32>,
     /// Most recently used.
     head: u32,
@@ -274,7 +372,7 @@ impl Shard {
     fn new(limit: usize) -> Shard {
         Shard {
             table: HashTable::new(),
-            slots: Vec::new(),
+            slots: Slab::default(),
             free: Vec::new(),
             head: NIL,
             tail: NIL,
@@ -286,35 +384,35 @@ impl Shard {
     fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
         let slots = &self.slots;
         self.table
-            .find(hash, |&idx| slots[idx as usize].entry.key() == key)
+            .find(hash, |&idx| slots[idx].key() == key)
             .copied()
     }
 
     fn unlink(&mut self, idx: u32) {
         let (prev, next) = {
-            let s = &self.slots[idx as usize];
+            let s = &self.slots[idx];
             (s.prev, s.next)
         };
         match prev {
             NIL => self.head = next,
-            p => self.slots[p as usize].next = next,
+            p => self.slots[p].next = next,
         }
         match next {
             NIL => self.tail = prev,
-            n => self.slots[n as usize].prev = prev,
+            n => self.slots[n].prev = prev,
         }
     }
 
     fn link_front(&mut self, idx: u32) {
         let old_head = self.head;
         {
-            let s = &mut self.slots[idx as usize];
+            let s = &mut self.slots[idx];
             s.prev = NIL;
             s.next = old_head;
         }
         match old_head {
             NIL => self.tail = idx,
-            h => self.slots[h as usize].prev = idx,
+            h => self.slots[h].prev = idx,
         }
         self.head = idx;
     }
@@ -326,31 +424,19 @@ impl Shard {
         }
     }
 
-    fn push(&mut self, hash: u64, entry: Entry) {
+    fn push(&mut self, hash: u64, entry: &Entry, hasher: &impl BuildHasher) {
         self.bytes += entry.charge();
-        let slot = Slot {
-            entry,
-            hash,
-            prev: NIL,
-            next: NIL,
-        };
+        let slot = Slot::new(entry);
         let idx = match self.free.pop() {
             Some(idx) => {
-                self.slots[idx as usize] = slot;
+                self.slots[idx] = slot;
                 idx
             }
-            None => {
-                if self.slots.len() == self.slots.capacity() {
-                    self.slots
-                        .reserve_exact(self.slots.len() / SLAB_GROWTH_DIVISOR + 16);
-                }
-                self.slots.push(slot);
-                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 entries per shard")
-            }
+            None => self.slots.push(slot),
         };
         let slots = &self.slots;
         self.table
-            .insert_unique(hash, idx, |&i| slots[i as usize].hash);
+            .insert_unique(hash, idx, |&i| hasher.hash_one(slots[i].key()));
         self.link_front(idx);
     }
 
@@ -359,20 +445,20 @@ impl Shard {
             found.remove();
         }
         self.unlink(idx);
-        let slot = &mut self.slots[idx as usize];
-        self.bytes -= slot.entry.charge();
+        let slot = &mut self.slots[idx];
+        self.bytes -= entry_charge(slot.kv.len());
         // Release the value now; the slot itself is reused by the next push.
-        slot.entry.kv = Arc::from(&[][..]);
+        slot.kv = Box::default();
         self.free.push(idx);
     }
 
-    fn evict_lru(&mut self) {
+    fn evict_lru(&mut self, hasher: &impl BuildHasher) {
         let idx = self.tail;
         debug_assert_ne!(idx, NIL, "evicting from an empty shard");
         if idx == NIL {
             return;
         }
-        let hash = self.slots[idx as usize].hash;
+        let hash = hasher.hash_one(self.slots[idx].key());
         self.remove_at(hash, idx);
     }
 }
@@ -387,7 +473,30 @@ mod tests {
 
     /// A one-shard cache with room for exactly `n` entries of 1-byte keys and values.
     fn cache_for(n: usize) -> ItemCache {
-        ItemCache::new((n * (2 + ENTRY_OVERHEAD)) as u64, 1)
+        ItemCache::new((n * entry_charge(2)) as u64, 1)
+    }
+
+    #[test]
+    fn a_slot_is_48_bytes_and_charges_follow_the_allocator() {
+        assert_eq!(std::mem::size_of::<Slot>(), 48);
+        let sizes: Vec<usize> = [0, 1, 48, 64, 65, 81, 128, 129, 200, 1000, 1025]
+            .into_iter()
+            .map(allocation_size)
+            .collect();
+        assert_eq!(sizes, [0, 8, 48, 64, 80, 96, 128, 160, 224, 1024, 1280]);
+        assert_eq!(entry_charge(48), 48 + 48 + 12);
+    }
+
+    #[test]
+    fn metadata_survives_the_compact_slot() {
+        let cache = ItemCache::new(1 << 20, 1);
+        let key = [b'k'; 250];
+        let entry = Entry::new(&key, b"value", u32::MAX, u32::MAX - 1, u64::MAX).filled_at(1 << 50);
+        assert!(cache.insert(entry.clone()));
+        assert_eq!(cache.get(&key, 0), Some(entry));
+        // A fill time beyond 56 bits is kept at the largest it can hold.
+        cache.insert(Entry::new(b"x", b"", 0, 0, 1).filled_at(u64::MAX));
+        assert_eq!(cache.get(b"x", 0).unwrap().filled_at_ms, (1 << 56) - 1);
     }
 
     #[test]
@@ -425,15 +534,12 @@ mod tests {
         cache.insert(Entry::new(b"k2", b"", 0, 0, 1));
         let stats = cache.stats();
         assert_eq!(stats.items, 2);
-        assert_eq!(
-            stats.bytes,
-            (9 + ENTRY_OVERHEAD + 2 + ENTRY_OVERHEAD) as u64
-        );
+        assert_eq!(stats.bytes, (entry_charge(9) + entry_charge(2)) as u64);
         // Replacing an entry replaces its charge.
         cache.insert(Entry::new(b"key", b"v", 0, 0, 2));
         assert_eq!(
             cache.stats().bytes,
-            (4 + ENTRY_OVERHEAD + 2 + ENTRY_OVERHEAD) as u64
+            (entry_charge(4) + entry_charge(2)) as u64
         );
         cache.remove(b"key");
         cache.remove(b"k2");
@@ -483,7 +589,7 @@ mod tests {
         for k in ["a", "b", "c", "d"] {
             cache.insert(entry(k, "1"));
         }
-        cache.set_limit((2 * (2 + ENTRY_OVERHEAD)) as u64);
+        cache.set_limit((2 * entry_charge(2)) as u64);
         assert!(cache.get(b"a", 0).is_none() && cache.get(b"b", 0).is_none());
         assert!(cache.get(b"c", 0).is_some() && cache.get(b"d", 0).is_some());
     }
