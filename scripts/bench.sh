@@ -16,7 +16,8 @@
 # What it does: installs Debian's memcached if missing; starts its own
 # DynamoDB Local, memcached and dynacache on free loopback ports (never on a
 # port something else holds); with 2+ cores pins the servers to CPU 0 and the
-# load generator to CPU 1 (taskset), the same for both servers; warms both;
+# load generator to CPU 1 (taskset), the same for both servers (miss/write
+# runs: dynacache and every client on CPU 0, DynamoDB Local on CPU 1); warms both;
 # runs each workload on both servers in alternation (A B A B ...); prints
 # medians and ratios (`loadgen report`). Stops every process it started, on any
 # exit. Loopback only; every run is bounded.
@@ -117,7 +118,7 @@ else
   ON_GEN=()
 fi
 loadgen() { "${ON_GEN[@]}" "$LOADGEN" --bench "$@"; }
-# The miss and write paths need DynamoDB Local's CPU more than pinning.
+# Not pinned: fills; the miss/write runs redefine it to pin the "application host".
 loadgen_free() { "$LOADGEN" --bench "$@"; }
 
 export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_REGION=us-east-1
@@ -140,13 +141,11 @@ start_memcached() {
   log "memcached pid $MC_PID on 127.0.0.1:$MC_PORT (-t $THREADS -m $mem)"
 }
 
-# Starts dynacache on `table` with `max_local_age` and a memory limit; sets
-# DC_PID, DC_PORT, DC_METRICS. PIN_SERVER=0: not pinned (the miss/write runs,
-# where the direct-SDK client is not pinned either).
+# Starts dynacache on `table` with `max_local_age` and a memory limit, on the
+# server's CPU; sets DC_PID, DC_PORT, DC_METRICS.
 start_dynacache() {
   local table="$1" age="$2" mem="${3:-${MEMORY_MB}MiB}" name="${4:-dynacache}"
   local pin=("${ON_SERVER[@]}")
-  [ "${PIN_SERVER:-1}" = 0 ] && pin=()
   DC_PORT="$(free_port)"
   DC_METRICS="$(free_port)"
   local config="$OUT/$name.toml"
@@ -231,9 +230,22 @@ if want miss; then
   log "miss/write paths: filling DynamoDB table 'misses' with $KEYS items"
   init_table misses
   loadgen_free ddb-fill --endpoint "$ENDPOINT" --table misses "${SPACE[@]}" >&2
+  # Two cores: the "application host" is CPU 0 (dynacache and its client,
+  # or the direct-SDK client) and "DynamoDB" is CPU 1 (DynamoDB Local's JVM,
+  # every thread of it), so neither side's CPU is taken by the other's
+  # DynamoDB. One core: nothing is pinned.
+  if [ "$PIN" = 1 ] && [ "$NPROC" -ge 2 ]; then
+    DDB_PID="$(cat "${DYNAMODB_LOCAL_DIR:-$PWD/.dynamodb-local}/dynamodb-local-$DDB_PORT.pid")"
+    taskset -a -p -c "$GEN_CPUS" "$DDB_PID" >/dev/null
+    MISS_PIN=(taskset -c "$SERVER_CPUS")
+    log "miss/write paths: DynamoDB Local (pid $DDB_PID) on CPU $GEN_CPUS; dynacache and the clients on CPU $SERVER_CPUS"
+  else
+    MISS_PIN=()
+  fi
+  loadgen_free() { "${MISS_PIN[@]}" "$LOADGEN" --bench "$@"; }
   # max_local_age 1ms: every get of a cached key re-reads it (a consistent
   # GetItem that finds the item, then fills the cache), as a miss does.
-  PIN_SERVER=0 start_dynacache misses 1ms "${MEMORY_MB}MiB" dynacache-misses
+  start_dynacache misses 1ms "${MEMORY_MB}MiB" dynacache-misses
   MISS_WORKLOADS=(
     "getitem-found|mc --addr 127.0.0.1:$DC_PORT|ddb --op get"
     "getitem-absent|mc --addr 127.0.0.1:$DC_PORT --key-prefix absent|ddb --op get --key-prefix absent"
