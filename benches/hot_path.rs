@@ -110,7 +110,13 @@ fn cache(c: &mut Criterion) {
     for k in &keys {
         cache.insert(Entry::new(k, &value, 0, 0, 1));
     }
-    g.bench_function("get_hit", |b| {
+    g.bench_function("get_hit_in_place", |b| {
+        b.iter(|| {
+            i = (i + 7919) % KEYS;
+            black_box(cache.get_with(&keys[i], 0, |e| e.value().len()))
+        })
+    });
+    g.bench_function("get_hit_copy", |b| {
         b.iter(|| {
             i = (i + 7919) % KEYS;
             black_box(cache.get(&keys[i], 0).map(|e| e.value().len()))

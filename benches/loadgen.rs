@@ -66,6 +66,20 @@ enum Command {
     /// Medians per workload and server of the RESULT lines in FILE, and the
     /// ratio of each server to the baseline.
     Report(ReportArgs),
+    /// A TCP proxy that holds every chunk for --delay before passing it on,
+    /// each way: DynamoDB Local made as far away as a real DynamoDB endpoint.
+    DelayProxy(DelayProxyArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+struct DelayProxyArgs {
+    #[arg(long)]
+    listen: SocketAddr,
+    #[arg(long)]
+    upstream: SocketAddr,
+    /// One-way delay (tokio's timer rounds it up to the next millisecond).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1ms")]
+    delay: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -225,6 +239,7 @@ fn main() {
         Command::Ddb(args) => runtime(args.timing.threads).block_on(ddb(args)),
         Command::DdbFill(args) => runtime(2).block_on(ddb_fill(args)),
         Command::Report(args) => report(&args),
+        Command::DelayProxy(args) => runtime(1).block_on(delay_proxy(args)),
     }
 }
 
@@ -950,6 +965,63 @@ async fn ddb_task(
         }
     }
     stats
+}
+
+async fn delay_proxy(args: DelayProxyArgs) {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .expect("delay-proxy: bind");
+    eprintln!(
+        "loadgen delay-proxy: {} -> {}, {:?} each way",
+        args.listen, args.upstream, args.delay
+    );
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(server) = TcpStream::connect(args.upstream).await else {
+            continue;
+        };
+        let _ = client.set_nodelay(true);
+        let _ = server.set_nodelay(true);
+        let (cr, cw) = client.into_split();
+        let (sr, sw) = server.into_split();
+        tokio::spawn(delay_pipe(cr, sw, args.delay));
+        tokio::spawn(delay_pipe(sr, cw, args.delay));
+    }
+}
+
+/// Copies `from` to `to`, each chunk written `delay` after it was read,
+/// in order; ends (closing `to`) when `from` does.
+async fn delay_pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let due = tokio::time::Instant::now() + delay;
+                if tx.send((due, buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
 }
 
 async fn ddb(args: DdbArgs) {

@@ -97,6 +97,36 @@ impl Entry {
     }
 }
 
+/// An entry seen in place, in the cache, for as long as its shard is locked.
+pub struct EntryRef<'a>(&'a Slot);
+
+impl EntryRef<'_> {
+    pub fn key(&self) -> &[u8] {
+        self.0.key()
+    }
+
+    pub fn value(&self) -> &[u8] {
+        &self.0.kv[self.0.key().len()..]
+    }
+
+    pub fn flags(&self) -> u32 {
+        self.0.flags
+    }
+
+    pub fn version(&self) -> u64 {
+        self.0.version
+    }
+
+    pub fn filled_at_ms(&self) -> u64 {
+        self.0.filled_and_key_len & FILLED_MASK
+    }
+
+    /// A copy that outlives the lock.
+    pub fn to_entry(&self) -> Entry {
+        self.0.entry()
+    }
+}
+
 /// Counters since start, for metrics and `stats`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStats {
@@ -146,9 +176,20 @@ impl ItemCache {
         &self.shards[((hash >> 32) & self.shard_mask) as usize]
     }
 
-    /// The live entry for `key`, marked most recently used. An expired entry
-    /// is dropped and reported as absent.
+    /// A copy of the live entry for `key`, marked most recently used. An
+    /// expired entry is dropped and reported as absent.
     pub fn get(&self, key: &[u8], now: u32) -> Option<Entry> {
+        self.get_with(key, now, |entry| entry.to_entry())
+    }
+
+    /// [`ItemCache::get`] without the copy: `read` sees the live entry in
+    /// place, under the shard's lock (a hit encodes its reply from it).
+    pub fn get_with<R>(
+        &self,
+        key: &[u8],
+        now: u32,
+        read: impl FnOnce(EntryRef<'_>) -> R,
+    ) -> Option<R> {
         let hash = self.hasher.hash_one(key);
         let mut shard = lock(self.shard(hash));
         let idx = shard.find(hash, key)?;
@@ -159,7 +200,7 @@ impl ItemCache {
             return None;
         }
         shard.touch(idx);
-        Some(shard.slots[idx].entry())
+        Some(read(EntryRef(&shard.slots[idx])))
     }
 
     /// Stores `entry`, replacing any entry for its key, evicting least

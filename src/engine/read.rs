@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::stats::bump;
 use super::{Engine, error_reply, expiry, value_reply};
-use crate::cache::Entry;
+use crate::cache::{Entry, EntryRef};
 use crate::metrics::Outcome;
 use crate::protocol::{Keys, Reply};
 use crate::store::{Store, StoreError, StoredItem, View};
@@ -32,14 +32,21 @@ impl<S: Store> Engine<S> {
         let mut rest = keys.iter();
         let mut first_miss = None;
         for key in rest.by_ref() {
-            match self.fresh(key, view, now_ms) {
-                Lookup::Fresh(entry) => {
+            // A hit is encoded from the cache in place, under its shard's lock.
+            let served = self.fresh_with(key, view, now_ms, |entry| {
+                value_reply(out, key, entry.flags(), entry.value(), entry.version(), cas);
+            });
+            match served {
+                Lookup::Fresh(()) => {
                     self.metrics.hits.increment(1);
                     bump(&self.stats.get_hits);
-                    value_reply(out, key, entry.flags, entry.value(), entry.version, cas);
                 }
-                other => {
-                    first_miss = Some((key, other));
+                Lookup::Aged(entry) => {
+                    first_miss = Some((key, Lookup::Aged(entry)));
+                    break;
+                }
+                Lookup::Absent => {
+                    first_miss = Some((key, Lookup::Absent));
                     break;
                 }
             }
@@ -157,23 +164,40 @@ impl<S: Store> Engine<S> {
     /// What the cache can do for `key`: a fresh entry, one past
     /// `max_local_age` (to re-read, kept as a fallback), or nothing.
     fn fresh(&self, key: &[u8], view: View, now_ms: u64) -> Lookup {
+        self.fresh_with(key, view, now_ms, |entry| entry.to_entry())
+    }
+
+    /// [`Engine::fresh`], handing a fresh entry to `serve` in place.
+    fn fresh_with<R>(
+        &self,
+        key: &[u8],
+        view: View,
+        now_ms: u64,
+        serve: impl FnOnce(EntryRef<'_>) -> R,
+    ) -> Lookup<R> {
         bump(&self.stats.cmd_get);
-        match self.cache.get(key, view.now) {
-            None => Lookup::Absent,
-            Some(entry) if entry.version < view.flushed_before => {
+        let max = self.options.max_local_age.as_millis() as u64;
+        let found = self.cache.get_with(key, view.now, |entry| {
+            if entry.version() < view.flushed_before {
                 // Written before a flush_all that has taken effect.
+                Err(None)
+            } else if max > 0 && now_ms.saturating_sub(entry.filled_at_ms()) >= max {
+                Err(Some(entry.to_entry()))
+            } else {
+                Ok(serve(entry))
+            }
+        });
+        match found {
+            None => Lookup::Absent,
+            Some(Ok(served)) => Lookup::Fresh(served),
+            Some(Err(None)) => {
                 self.cache.remove(key);
                 bump(&self.stats.get_flushed);
                 Lookup::Absent
             }
-            Some(entry) => {
-                let max = self.options.max_local_age.as_millis() as u64;
-                if max > 0 && now_ms.saturating_sub(entry.filled_at_ms) >= max {
-                    self.metrics.revalidations.increment(1);
-                    Lookup::Aged(entry)
-                } else {
-                    Lookup::Fresh(entry)
-                }
+            Some(Err(Some(aged))) => {
+                self.metrics.revalidations.increment(1);
+                Lookup::Aged(aged)
             }
         }
     }
@@ -297,8 +321,9 @@ impl<S: Store> Engine<S> {
 }
 
 /// What the cache holds for a key, as the get path sees it.
-enum Lookup {
-    Fresh(Entry),
+/// `T`: what was made of a fresh entry (a copy, or a reply already encoded).
+enum Lookup<T = Entry> {
+    Fresh(T),
     /// Older than `max_local_age`: re-read it, but keep it in case the store fails.
     Aged(Entry),
     Absent,
