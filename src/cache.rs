@@ -5,15 +5,15 @@
 //! evict are O(1). A cached item costs one 48-byte slab slot (its metadata
 //! and LRU links), one allocation holding exactly its key and value, and a
 //! 4-byte slab index in the hash table: less than memcached's per-item
-//! overhead (BENCHMARKS.md, section 3). A hit copies the key and value out
-//! under the shard lock, into the [`Entry`] it returns.
+//! overhead (BENCHMARKS.md, section 3). An [`Entry`]'s allocation moves into
+//! the cache as it is; a get hit is encoded from the cache in place under the
+//! shard's lock ([`ItemCache::get_with`]), or copied out ([`ItemCache::get`]).
 //!
 //! The cache never talks to DynamoDB and decides nothing about consistency:
 //! the engine tells it what to hold. It only keeps the byte budget (counting
 //! keys, values and [`ENTRY_OVERHEAD`]) and never returns an expired entry.
 
 use std::hash::BuildHasher;
-use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -43,8 +43,9 @@ const NIL: u32 = u32::MAX;
 /// An item as the cache holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    /// The key followed by the value, in one allocation.
-    kv: Arc<[u8]>,
+    /// The key followed by the value, in one allocation (moved into the
+    /// cache as it is).
+    kv: Box<[u8]>,
     key_len: u8,
     pub flags: u32,
     /// Unix seconds after which the item is gone; 0 = never.
@@ -221,7 +222,7 @@ impl ItemCache {
             shard.evict_lru(hasher);
             evicted += 1;
         }
-        shard.push(hash, &entry, hasher);
+        shard.push(hash, entry, hasher);
         drop(shard);
         if evicted > 0 {
             self.evictions.fetch_add(evicted, Ordering::Relaxed);
@@ -323,9 +324,9 @@ const FILLED_BITS: u32 = 56;
 const FILLED_MASK: u64 = (1 << FILLED_BITS) - 1;
 
 impl Slot {
-    fn new(entry: &Entry) -> Slot {
+    fn new(entry: Entry) -> Slot {
         Slot {
-            kv: Box::from(&entry.kv[..]),
+            kv: entry.kv,
             version: entry.version,
             // 2^56 ms is two million years of uptime.
             filled_and_key_len: entry.filled_at_ms.min(FILLED_MASK)
@@ -348,7 +349,7 @@ impl Slot {
     /// A copy for the caller, made under the shard's lock.
     fn entry(&self) -> Entry {
         Entry {
-            kv: Arc::from(&self.kv[..]),
+            kv: self.kv.clone(),
             key_len: (self.filled_and_key_len >> FILLED_BITS) as u8,
             flags: self.flags,
             expires_at: self.expires_at,
@@ -465,7 +466,7 @@ impl Shard {
         }
     }
 
-    fn push(&mut self, hash: u64, entry: &Entry, hasher: &impl BuildHasher) {
+    fn push(&mut self, hash: u64, entry: Entry, hasher: &impl BuildHasher) {
         self.bytes += entry.charge();
         let slot = Slot::new(entry);
         let idx = match self.free.pop() {
