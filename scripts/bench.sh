@@ -243,38 +243,64 @@ if want miss; then
     MISS_PIN=()
   fi
   loadgen_free() { "${MISS_PIN[@]}" "$LOADGEN" --bench "$@"; }
-  # max_local_age 1ms: every get of a cached key re-reads it (a consistent
-  # GetItem that finds the item, then fills the cache), as a miss does.
-  start_dynacache misses 1ms "${MEMORY_MB}MiB" dynacache-misses
-  MISS_WORKLOADS=(
-    "getitem-found|mc --addr 127.0.0.1:$DC_PORT|ddb --op get"
-    "getitem-absent|mc --addr 127.0.0.1:$DC_PORT --key-prefix absent|ddb --op get --key-prefix absent"
-    "putitem|mc --addr 127.0.0.1:$DC_PORT --set-ratio 1|ddb --op put"
-  )
-  for round in $(seq "$ROUNDS"); do
-    for conc in "${CONCURRENCY[@]}"; do
-      for w in "${MISS_WORKLOADS[@]}"; do
-        IFS='|' read -r base via_dc via_sdk <<<"$w"
-        name="$base-c$conc"
-        [[ "$name" =~ $WORKLOADS_RE ]] || continue
-        read -r -a dc_args <<<"$via_dc"
-        read -r -a sdk_args <<<"$via_sdk"
-        if [ $((round % 2)) = 1 ]; then order=(sdk dynacache); else order=(dynacache sdk); fi
-        for side in "${order[@]}"; do
-          log "round $round/$ROUNDS $name via $side"
-          if [ "$side" = sdk ]; then
-            loadgen_free "${sdk_args[@]}" --endpoint "$ENDPOINT" --table misses --connections "$conc" \
-              "${SPACE[@]}" "${TIMING[@]}" --tag "workload=$name" --tag server=sdk --tag "round=$round" | tee -a "$RESULTS"
-          else
-            loadgen_free "${dc_args[@]}" --connections "$conc" "${SPACE[@]}" "${TIMING[@]}" \
-              --server-pid "$DC_PID" --tag "workload=$name" --tag server=dynacache --tag "round=$round" | tee -a "$RESULTS"
-          fi
+  # Twice: against DynamoDB Local on loopback (the worst case for the ratio:
+  # the hop to dynacache costs what it costs, DynamoDB almost nothing), then
+  # through `loadgen delay-proxy`, which holds each chunk 1 ms each way (2 ms
+  # with tokio's timer rounding), so DynamoDB is as far as a real endpoint:
+  # workloads named `-remote`. Both sides use the same endpoint each time.
+  LOOPBACK_ENDPOINT="$ENDPOINT"
+  for distance in loopback remote; do
+    suffix=""
+    if [ "$distance" = remote ]; then
+      [[ "getitem-found-c1-remote" =~ $WORKLOADS_RE || "putitem-c8-remote" =~ $WORKLOADS_RE ]] || continue
+      PROXY_PORT="$(free_port)"
+      proxy_pin=()
+      [ "${#MISS_PIN[@]}" -gt 0 ] && proxy_pin=(taskset -c "$GEN_CPUS")
+      "${proxy_pin[@]}" "$LOADGEN" --bench delay-proxy --listen "127.0.0.1:$PROXY_PORT" \
+        --upstream "127.0.0.1:$DDB_PORT" --delay 1ms &
+      PROXY_PID=$!
+      PIDS+=("$PROXY_PID")
+      wait_listening "$PROXY_PID" "$PROXY_PORT"
+      ENDPOINT="http://127.0.0.1:$PROXY_PORT"
+      suffix="-remote"
+    fi
+    # max_local_age 1ms: every get of a cached key re-reads it (a consistent
+    # GetItem that finds the item, then fills the cache), as a miss does.
+    start_dynacache misses 1ms "${MEMORY_MB}MiB" "dynacache-misses-$distance"
+    MISS_WORKLOADS=(
+      "getitem-found|mc --addr 127.0.0.1:$DC_PORT|ddb --op get"
+      "getitem-absent|mc --addr 127.0.0.1:$DC_PORT --key-prefix absent|ddb --op get --key-prefix absent"
+      "putitem|mc --addr 127.0.0.1:$DC_PORT --set-ratio 1|ddb --op put"
+    )
+    for round in $(seq "$ROUNDS"); do
+      for conc in "${CONCURRENCY[@]}"; do
+        for w in "${MISS_WORKLOADS[@]}"; do
+          IFS='|' read -r base via_dc via_sdk <<<"$w"
+          name="$base-c$conc$suffix"
+          [[ "$name" =~ $WORKLOADS_RE ]] || continue
+          read -r -a dc_args <<<"$via_dc"
+          read -r -a sdk_args <<<"$via_sdk"
+          if [ $((round % 2)) = 1 ]; then order=(sdk dynacache); else order=(dynacache sdk); fi
+          for side in "${order[@]}"; do
+            log "round $round/$ROUNDS $name via $side"
+            if [ "$side" = sdk ]; then
+              loadgen_free "${sdk_args[@]}" --endpoint "$ENDPOINT" --table misses --connections "$conc" \
+                "${SPACE[@]}" "${TIMING[@]}" --tag "workload=$name" --tag server=sdk --tag "round=$round" | tee -a "$RESULTS"
+            else
+              loadgen_free "${dc_args[@]}" --connections "$conc" "${SPACE[@]}" "${TIMING[@]}" \
+                --server-pid "$DC_PID" --tag "workload=$name" --tag server=dynacache --tag "round=$round" | tee -a "$RESULTS"
+            fi
+          done
         done
       done
     done
+    log "dynacache after the $distance miss runs: revalidations $(metric "$DC_METRICS" dynacache_cache_revalidations_total), misses $(metric "$DC_METRICS" dynacache_cache_misses_total), coalesced $(metric "$DC_METRICS" dynacache_cache_coalesced_misses_total)"
+    stop_pid "$DC_PID"
+    if [ "$distance" = remote ]; then
+      stop_pid "$PROXY_PID"
+      ENDPOINT="$LOOPBACK_ENDPOINT"
+    fi
   done
-  log "dynacache after the miss runs: revalidations $(metric "$DC_METRICS" dynacache_cache_revalidations_total), misses $(metric "$DC_METRICS" dynacache_cache_misses_total), coalesced $(metric "$DC_METRICS" dynacache_cache_coalesced_misses_total)"
-  stop_pid "$DC_PID"
 fi
 
 # ---------------------------------------------------------------- memory
