@@ -180,8 +180,10 @@ impl Cli {
 }
 
 /// mimalloc rather than glibc's malloc: no per-allocation header and finer
-/// size classes (a cached 48-byte item's 64-byte allocation takes 64 bytes,
-/// not 80), and 13% less CPU per DynamoDB miss (BENCHMARKS.md, section 2).
+/// size classes (a cached item's 48-byte key+value allocation takes 48 bytes,
+/// not 64), and 13% less CPU per DynamoDB miss (BENCHMARKS.md, section 2).
+/// Version 2 (feature `v2`): v3 kept partly used pages under eviction churn
+/// (BENCHMARKS.md, section 3).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
