@@ -118,6 +118,10 @@ impl EntryRef<'_> {
         self.0.version
     }
 
+    pub fn expires_at(&self) -> u32 {
+        self.0.expires_at
+    }
+
     pub fn filled_at_ms(&self) -> u64 {
         self.0.filled_and_key_len & FILLED_MASK
     }

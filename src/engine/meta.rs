@@ -60,7 +60,31 @@ impl<S: Store> Engine<S> {
                 });
                 item.map(Value::Stored)
             }
-            None => self.lookup(key, view).await?,
+            None => {
+                // A hit is answered from the cache in place, as `get`'s are.
+                let served = self.fresh_with(key, view, self.now_ms(), |entry| {
+                    let item = MetaItem {
+                        cas: entry.version(),
+                        flags: entry.flags(),
+                        size: entry.value().len(),
+                        ttl: ttl_left(entry.expires_at(), view.now),
+                    };
+                    let (code, data) = if flags.value {
+                        (MetaCode::Va, entry.value())
+                    } else {
+                        (MetaCode::Hd, &b""[..])
+                    };
+                    self.meta_reply(out, meta, code, MG_HIT, Some(item), data, false);
+                });
+                match served.served() {
+                    Ok(()) => {
+                        self.metrics.hits.increment(1);
+                        bump(&self.stats.get_hits);
+                        return Ok(Outcome::Hit);
+                    }
+                    Err(lookup) => self.finish_lookup(key, view, lookup).await?,
+                }
+            }
         };
         let mut win = false;
         if found.is_none()

@@ -36,17 +36,13 @@ impl<S: Store> Engine<S> {
             let served = self.fresh_with(key, view, now_ms, |entry| {
                 value_reply(out, key, entry.flags(), entry.value(), entry.version(), cas);
             });
-            match served {
-                Lookup::Fresh(()) => {
+            match served.served() {
+                Ok(()) => {
                     self.metrics.hits.increment(1);
                     bump(&self.stats.get_hits);
                 }
-                Lookup::Aged(entry) => {
-                    first_miss = Some((key, Lookup::Aged(entry)));
-                    break;
-                }
-                Lookup::Absent => {
-                    first_miss = Some((key, Lookup::Absent));
+                Err(lookup) => {
+                    first_miss = Some((key, lookup));
                     break;
                 }
             }
@@ -66,7 +62,7 @@ impl<S: Store> Engine<S> {
             }
         }
         // Refuse the whole request, hits answered so far included.
-        if let Err(e) = wanted.iter().try_for_each(|key| self.store.check_key(key)) {
+        if let Err(e) = self.check_keys(wanted.iter().copied()) {
             out.truncate(start);
             return error_reply(out, &e);
         }
@@ -129,6 +125,16 @@ impl<S: Store> Engine<S> {
     /// store read, stale copy on a failed re-read if allowed): `mg`, `me`.
     pub(super) async fn lookup(&self, key: &[u8], view: View) -> Result<Option<Value>, StoreError> {
         let lookup = self.fresh(key, view, self.now_ms());
+        self.finish_lookup(key, view, lookup).await
+    }
+
+    /// [`Engine::lookup`] once the cache has been asked: `lookup` is its answer.
+    pub(super) async fn finish_lookup(
+        &self,
+        key: &[u8],
+        view: View,
+        lookup: Lookup,
+    ) -> Result<Option<Value>, StoreError> {
         let found = match lookup {
             Lookup::Fresh(entry) => {
                 self.metrics.hits.increment(1);
@@ -157,8 +163,8 @@ impl<S: Store> Engine<S> {
 
     /// Refuses a whole retrieval, before answering any of it, if the table
     /// cannot hold one of its keys.
-    fn check_keys(&self, keys: Keys<'_>) -> Result<(), StoreError> {
-        keys.iter().try_for_each(|key| self.store.check_key(key))
+    fn check_keys<'k>(&self, mut keys: impl Iterator<Item = &'k [u8]>) -> Result<(), StoreError> {
+        keys.try_for_each(|key| self.store.check_key(key))
     }
 
     /// What the cache can do for `key`: a fresh entry, one past
@@ -167,8 +173,9 @@ impl<S: Store> Engine<S> {
         self.fresh_with(key, view, now_ms, |entry| entry.to_entry())
     }
 
-    /// [`Engine::fresh`], handing a fresh entry to `serve` in place.
-    fn fresh_with<R>(
+    /// [`Engine::fresh`], handing a fresh entry to `serve` in place, under
+    /// its shard's lock: a hit answered this way copies nothing.
+    pub(super) fn fresh_with<R>(
         &self,
         key: &[u8],
         view: View,
@@ -288,7 +295,7 @@ impl<S: Store> Engine<S> {
         out: &mut BytesMut,
         view: View,
     ) -> Outcome {
-        if let Err(e) = self.check_keys(keys) {
+        if let Err(e) = self.check_keys(keys.iter()) {
             return error_reply(out, &e);
         }
         let start = out.len();
@@ -322,11 +329,22 @@ impl<S: Store> Engine<S> {
 
 /// What the cache holds for a key, as the get path sees it.
 /// `T`: what was made of a fresh entry (a copy, or a reply already encoded).
-enum Lookup<T = Entry> {
+pub(super) enum Lookup<T = Entry> {
     Fresh(T),
     /// Older than `max_local_age`: re-read it, but keep it in case the store fails.
     Aged(Entry),
     Absent,
+}
+
+impl<T> Lookup<T> {
+    /// What a fresh entry gave, or the lookup the store must finish.
+    pub(super) fn served(self) -> Result<T, Lookup> {
+        match self {
+            Lookup::Fresh(served) => Ok(served),
+            Lookup::Aged(entry) => Err(Lookup::Aged(entry)),
+            Lookup::Absent => Err(Lookup::Absent),
+        }
+    }
 }
 
 /// A value to answer with, from the cache or just read from the store.
