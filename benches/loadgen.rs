@@ -428,6 +428,14 @@ impl Stats {
         }
     }
 
+    /// One measured reply to a request of `keys` keys sent at `sent`.
+    fn reply(&mut self, sent: Instant, keys: u64, outcome: &ReplyOutcome) {
+        self.record(sent.elapsed());
+        self.keys_asked += keys;
+        self.hits += u64::from(outcome.hits);
+        self.errors += u64::from(outcome.error);
+    }
+
     fn merge(&mut self, other: &Stats) {
         self.latency.add(&other.latency).expect("same bounds");
         self.ops += other.ops;
@@ -692,12 +700,7 @@ async fn mc_connection(plan: Arc<McPlan>, id: u64, seed: u64, window: Window) ->
         }
         for &(expect, keys) in &expects {
             match reader.next(&mut stream, expect).await {
-                Ok(outcome) if counted => {
-                    stats.record(sent.elapsed());
-                    stats.keys_asked += keys;
-                    stats.hits += u64::from(outcome.hits);
-                    stats.errors += u64::from(outcome.error);
-                }
+                Ok(outcome) if counted => stats.reply(sent, keys, &outcome),
                 Ok(_) => {}
                 Err(e) => {
                     eprintln!("loadgen: read: {e}");
@@ -729,12 +732,7 @@ async fn mc_new_conn_client(plan: Arc<McPlan>, id: u64, seed: u64, window: Windo
         }
         .await;
         match result {
-            Ok(outcome) if counted => {
-                stats.record(sent.elapsed());
-                stats.keys_asked += keys;
-                stats.hits += u64::from(outcome.hits);
-                stats.errors += u64::from(outcome.error);
-            }
+            Ok(outcome) if counted => stats.reply(sent, keys, &outcome),
             Ok(_) => {}
             Err(e) => {
                 if counted {
