@@ -141,6 +141,7 @@ async fn same_bytes_as_memcached() {
         [&b"set big2 0 0 1\r\nx\r\nset big2 0 0 2097152 noreply\r\n"[..], &big, b"\r\nget big2\r\n"].concat(),
         // storage commands
         b"set s1 4294967295 0 2\r\nhi\r\nget s1\r\ngets s1\r\n".to_vec(),
+        b"set s1a 4294967296 0 1\r\nx\r\nget s1a\r\nset s1b 18446744073709551615 0 1\r\nx\r\nget s1b\r\nset s1c 18446744073709551616 0 1\r\nx\r\n".to_vec(),
         b"add s2 0 0 1\r\na\r\nadd s2 0 0 1\r\nb\r\nget s2\r\n".to_vec(),
         b"replace s3 0 0 1\r\nx\r\nset s3 1 0 1\r\nx\r\nreplace s3 2 0 1\r\ny\r\nget s3\r\n".to_vec(),
         b"append s4 0 0 1\r\nx\r\nprepend s4 0 0 1\r\nx\r\nset s4 5 0 1\r\nb\r\nappend s4 9 0 1\r\nc\r\nprepend s4 9 0 1\r\na\r\nget s4\r\n".to_vec(),
@@ -151,6 +152,25 @@ async fn same_bytes_as_memcached() {
         b"delete d1\r\nset d1 0 0 1\r\nx\r\ndelete d1 0\r\ndelete d1\r\ndelete d1 1\r\ndelete d1 1 noreply\r\ndelete d1 noreply\r\ndelete\r\ndelete d1 b c d\r\n".to_vec(),
         b"touch t1 10\r\nset t1 0 0 1\r\nx\r\ntouch t1 10\r\ntouch t1 abc\r\ntouch t1 10 20 30\r\ntouch t1 -1\r\nget t1\r\n".to_vec(),
         b"set g1 3 0 1\r\nx\r\ngat 100 g1 g2\r\ngat\r\ngat 100\r\ngat abc g1\r\ngats 0 g1\r\n".to_vec(),
+        // exptime is read as a 64-bit number and kept in 32 bits, as memcached does
+        b"set e1 0 2147483648 1\r\nx\r\nget e1\r\n".to_vec(),
+        b"set e2 0 4294967295 1\r\nx\r\nget e2\r\n".to_vec(),
+        b"set e3 0 4294967296 1\r\nx\r\nget e3\r\nmg e3 t\r\n".to_vec(),
+        b"set e4 0 4294967396 1\r\nx\r\nget e4\r\nmg e4 t\r\n".to_vec(),
+        b"set e5 0 9999999999 1\r\nx\r\nget e5\r\n".to_vec(),
+        b"set e6 0 -2147483649 1\r\nx\r\nget e6\r\ngat 4294967396 e6\r\nmg e6 t\r\n".to_vec(),
+        b"set e7 0 99999999999999999999 1\r\nx\r\nget e7\r\n".to_vec(),
+        b"set e8 0 0 1\r\nx\r\ntouch e8 4294967295\r\nget e8\r\ntouch e8 99999999999999999999\r\n".to_vec(),
+        b"add e9 0 4294967295 1\r\nx\r\nadd e9 0 0 1\r\ny\r\nget e9\r\nreplace e9 0 4294967295 1\r\nz\r\nget e9\r\n".to_vec(),
+        b"set e10 0 0 1\r\n5\r\ncas e10 0 4294967295 1 1\r\nx\r\nincr e10 1\r\n".to_vec(),
+        b"ms e11 1 T4294967295\r\nx\r\nmg e11 v\r\nms e12 1 T4294967396\r\nx\r\nmg e12 t v\r\nmg e12 T4294967296 v\r\nmg e12 t\r\n".to_vec(),
+        b"mg e13 N4294967396 t v\r\nmg e14 t v T99999999999999999999\r\n".to_vec(),
+        // a negative exptime on gat, touch and mg T answers the item, then it is gone
+        b"set e15 0 0 1\r\nv\r\ngat -1 e15\r\nget e15\r\n".to_vec(),
+        b"set e16 7 0 1\r\nv\r\ngats -1 e16\r\ngets e16\r\n".to_vec(),
+        b"set e17 0 0 1\r\nv\r\ntouch e17 -1\r\nget e17\r\n".to_vec(),
+        b"set e18 0 0 1\r\nv\r\nmg e18 v t T-1\r\nmg e18 v\r\n".to_vec(),
+        b"set e19 0 100 1\r\nv\r\ngat 4294967295 e19\r\nget e19\r\n".to_vec(),
         // incr, decr
         b"incr n1 1\r\nset n1 0 0 2\r\n10\r\nincr n1 5\r\ndecr n1 100\r\nget n1\r\nincr n1 18446744073709551615\r\n".to_vec(),
         b"set n2 0 0 20\r\n18446744073709551615\r\nincr n2 1\r\nget n2\r\n".to_vec(),
@@ -190,6 +210,7 @@ async fn same_bytes_as_memcached() {
         b"shutdown\r\n".to_vec(),
         // flush last: it empties both
         b"set f1 0 0 1\r\nx\r\nflush_all\r\nget f1\r\nset f1 0 0 1\r\ny\r\nget f1\r\nflush_all noreply\r\nflush_all 0\r\nget f1\r\n".to_vec(),
+        b"set f2 0 0 1\r\nx\r\nflush_all 4294967296\r\nget f2\r\nflush_all 99999999999999999999\r\n".to_vec(),
     ];
     let mut differences = Vec::new();
     for case in &cases {

@@ -20,7 +20,7 @@ impl<S: Store> Engine<S> {
     /// item; items are compared by their version, which dates their write.
     /// Nothing is scanned or deleted: hidden items go with their TTL or
     /// when overwritten.
-    pub(super) async fn flush_all(&self, delay: i64, now: u32) -> Answer {
+    pub(super) async fn flush_all(&self, delay: i32, now: u32) -> Answer {
         if !self.options.flush_enabled {
             return Ok((
                 Outcome::ClientError,

@@ -6,13 +6,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Exptimes up to this many seconds are relative; larger ones are Unix times.
 const RELATIVE_EXPTIME_MAX: i64 = 60 * 60 * 24 * 30;
 
-/// memcached's exptime as an absolute expiry in Unix seconds: 0 = never; up
-/// to 30 days relative to `now`; above that a Unix time; negative or past =
-/// already expired (`now`, which TTL will sweep: TTL ignores times more than
-/// five years old, so an item is never written with 1970 as its expiry).
-pub fn expiry(exptime: i64, now: u32) -> u32 {
+/// memcached's exptime (already cut to 32 bits, as memcached stores it: see
+/// `protocol::parse::exptime_token`) as an absolute expiry in Unix seconds:
+/// 0 = never; up to 30 days relative to `now`; above that a Unix time;
+/// negative or past = already expired (`now`, which TTL will sweep: TTL
+/// ignores times more than five years old, so an item is never written with
+/// 1970 as its expiry).
+pub fn expiry(exptime: i32, now: u32) -> u32 {
     let now64 = i64::from(now);
-    let at = match exptime {
+    let at = match i64::from(exptime) {
         0 => return 0,
         e if e < 0 => now64,
         e if e <= RELATIVE_EXPTIME_MAX => now64 + e,
@@ -109,8 +111,9 @@ mod tests {
         assert_eq!(expiry(2_592_000, NOW), NOW + 2_592_000);
         // Past 30 days it is a Unix time; one in the past is already expired.
         assert_eq!(expiry(2_592_001, NOW), NOW);
-        assert_eq!(expiry(i64::from(NOW) + 50, NOW), NOW + 50);
-        assert_eq!(expiry(i64::MAX, NOW), u32::MAX);
+        assert_eq!(expiry(NOW as i32 + 50, NOW), NOW + 50);
+        assert_eq!(expiry(i32::MAX, NOW), i32::MAX as u32);
+        assert_eq!(expiry(i32::MIN, NOW), NOW);
     }
 
     #[test]

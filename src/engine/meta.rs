@@ -312,10 +312,13 @@ impl<S: Store> Engine<S> {
     }
 }
 
-/// Seconds an item has left, -1 if it never expires (the `t` flag).
+/// Seconds an item has left, -1 if it never expires (the `t` flag). An item
+/// answered although already expired (`mg <key> t T-1` answers, then the item
+/// is gone) shows -1 as well, as memcached shows it.
 fn ttl_left(expires_at: u32, now: u32) -> i64 {
     match expires_at {
         0 => -1,
+        at if at <= now => -1,
         at => i64::from(at) - i64::from(now),
     }
 }

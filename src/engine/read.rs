@@ -291,7 +291,7 @@ impl<S: Store> Engine<S> {
         &self,
         keys: Keys<'_>,
         cas: bool,
-        exptime: i64,
+        exptime: i32,
         out: &mut BytesMut,
         view: View,
     ) -> Outcome {
@@ -307,9 +307,10 @@ impl<S: Store> Engine<S> {
                 Ok(Some(item)) => {
                     bump(&self.stats.touch_hits);
                     bump(&self.stats.get_hits);
-                    if item.is_live(view) {
-                        value_reply(out, key, item.flags, &item.value, item.version, cas);
-                    }
+                    // The item was live when touched: it is answered even if
+                    // the new exptime has already passed (`gat -1`), and only
+                    // then is it gone, as in memcached.
+                    value_reply(out, key, item.flags, &item.value, item.version, cas);
                 }
                 Ok(None) => {
                     bump(&self.stats.touch_misses);

@@ -59,7 +59,7 @@ impl<S: Store> Engine<S> {
         mode: StoreMode,
         key: &[u8],
         flags: u32,
-        exptime: i64,
+        exptime: i32,
         data: &[u8],
         view: View,
     ) -> Answer {
@@ -83,7 +83,7 @@ impl<S: Store> Engine<S> {
         cas: Option<u64>,
         key: &[u8],
         flags: u32,
-        exptime: i64,
+        exptime: i32,
         data: &[u8],
         view: View,
     ) -> Result<StoreResult, StoreError> {
@@ -396,7 +396,7 @@ impl<S: Store> Engine<S> {
         })
     }
 
-    pub(super) async fn touch(&self, key: &[u8], exptime: i64, view: View) -> Answer {
+    pub(super) async fn touch(&self, key: &[u8], exptime: i32, view: View) -> Answer {
         self.store.check_key(key)?;
         bump(&self.stats.cmd_touch);
         match self

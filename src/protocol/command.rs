@@ -58,7 +58,7 @@ pub enum Command<'a> {
     Get {
         keys: Keys<'a>,
         cas: bool,
-        touch: Option<i64>,
+        touch: Option<i32>,
     },
     /// `set|add|replace|append|prepend <key> <flags> <exptime> <bytes> [noreply]`
     /// and `cas <key> <flags> <exptime> <bytes> <cas unique> [noreply]`, with the data block.
@@ -66,7 +66,7 @@ pub enum Command<'a> {
         mode: StoreMode,
         key: &'a [u8],
         flags: u32,
-        exptime: i64,
+        exptime: i32,
         data: &'a [u8],
         noreply: bool,
     },
@@ -75,7 +75,7 @@ pub enum Command<'a> {
     /// `touch <key> <exptime> [noreply]`.
     Touch {
         key: &'a [u8],
-        exptime: i64,
+        exptime: i32,
         noreply: bool,
     },
     /// `incr|decr <key> <delta> [noreply]`.
@@ -86,7 +86,7 @@ pub enum Command<'a> {
         noreply: bool,
     },
     /// `flush_all [delay] [noreply]`.
-    FlushAll { delay: i64, noreply: bool },
+    FlushAll { delay: i32, noreply: bool },
     /// `stats [group]`.
     Stats(StatsGroup),
     /// `verbosity <level> [noreply]`: accepted, changes nothing (logs use RUST_LOG).

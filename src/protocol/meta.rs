@@ -14,7 +14,7 @@ use std::borrow::Cow;
 
 use super::KEY_MAX_LEN;
 use super::command::Command;
-use super::parse::{Limits, Parsed, Tokens, data_block, invalid, number};
+use super::parse::{Limits, Parsed, Tokens, data_block, exptime_token, invalid, number};
 use super::reply::Reply;
 
 /// Which meta command.
@@ -78,11 +78,11 @@ pub struct MetaFlags<'a> {
     /// `O<opaque>`: echoed as is (possibly empty).
     pub opaque: &'a [u8],
     /// `T<ttl>`: touch (mg, ma) or the item's exptime (ms).
-    pub ttl: Option<i64>,
+    pub ttl: Option<i32>,
     /// `N<ttl>`: vivify on miss (mg, ma).
-    pub vivify: Option<i64>,
+    pub vivify: Option<i32>,
     /// `R<ttl>`: recache (mg); accepted, never wins (see the README).
-    pub recache: Option<i64>,
+    pub recache: Option<i32>,
     /// `C<cas>`: compare and swap (ms, md, ma).
     pub cas: Option<u64>,
     /// `F<flags>` (ms).
@@ -285,9 +285,9 @@ fn parse_flags<'a>(cmd: MetaCmd, tokens: Tokens<'a>) -> Result<MetaFlags<'a>, Re
             // Accepted, not answered: see the README.
             b'h' | b'l' | b'u' | b'P' | b'L' => {}
             b'I' => flags.invalidate = true,
-            b'T' | b'N' | b'R' => match number::<i32>(arg) {
+            b'T' | b'N' | b'R' => match exptime_token(arg) {
                 Some(n) => {
-                    let n = Some(i64::from(n));
+                    let n = Some(n);
                     match letter {
                         b'T' => flags.ttl = n,
                         b'N' => flags.vivify = n,

@@ -131,7 +131,7 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<'a> {
             let Some(exptime) = tokens.next() else {
                 return invalid(Reply::Error, line_len, false);
             };
-            let Some(exptime) = number::<i64>(exptime) else {
+            let Some(exptime) = exptime_token(exptime) else {
                 return invalid(BAD_EXPTIME, line_len, false);
             };
             retrieval(name == b"gats", Some(exptime), tokens.rest(), line_len)
@@ -163,7 +163,7 @@ pub fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<'a> {
 }
 
 /// `get|gets|gat|gats`: the keys are the rest of the line.
-fn retrieval(cas: bool, touch: Option<i64>, keys: &[u8], line_len: usize) -> Parsed<'_> {
+fn retrieval(cas: bool, touch: Option<i32>, keys: &[u8], line_len: usize) -> Parsed<'_> {
     let mut any = false;
     for key in Keys(keys).iter() {
         if key.len() > KEY_MAX_LEN {
@@ -236,8 +236,9 @@ fn storage<'a>(
         return invalid(BAD_FORMAT, line_len, noreply);
     }
     let (Some(flags), Some(exptime), Some(len)) = (
-        number::<u32>(args[1]),
-        number::<i64>(args[2]),
+        // memcached reads flags as 64 bits and keeps the low 32.
+        number::<u64>(args[1]).map(|wide| wide as u32),
+        exptime_token(args[2]),
         number::<i64>(args[3]),
     ) else {
         return invalid(BAD_FORMAT, line_len, noreply);
@@ -305,7 +306,7 @@ fn delete<'a>(tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
 
 /// `touch <key> <exptime> [noreply]`.
 fn touch<'a>(tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
-    match key_and_number(tokens, BAD_EXPTIME) {
+    match key_and_number(tokens, exptime_token, BAD_EXPTIME) {
         Ok((key, exptime, noreply)) => Parsed::Request(
             Command::Touch {
                 key,
@@ -320,7 +321,7 @@ fn touch<'a>(tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
 
 /// `incr|decr <key> <delta> [noreply]`.
 fn arith<'a>(incr: bool, tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
-    match key_and_number(tokens, BAD_DELTA) {
+    match key_and_number(tokens, number::<u64>, BAD_DELTA) {
         Ok((key, delta, noreply)) => Parsed::Request(
             Command::Arith {
                 incr,
@@ -335,10 +336,12 @@ fn arith<'a>(incr: bool, tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
 }
 
 /// `<key> <number> [noreply]`, the shape of `touch`, `incr` and `decr`;
-/// `bad_number` is memcached's reply to a number it cannot read. An error
-/// is the reply to send and whether the client asked for none.
-fn key_and_number<'a, T: std::str::FromStr>(
+/// `read` reads the number, `bad_number` is memcached's reply to one it
+/// cannot read. An error is the reply to send and whether the client asked
+/// for none.
+fn key_and_number<'a, T>(
     tokens: Tokens<'a>,
+    read: fn(&[u8]) -> Option<T>,
     bad_number: Reply<'static>,
 ) -> Result<(&'a [u8], T, bool), (Reply<'static>, bool)> {
     let mut args = [&b""[..]; MAX_TOKENS];
@@ -351,7 +354,7 @@ fn key_and_number<'a, T: std::str::FromStr>(
     if key.len() > KEY_MAX_LEN {
         return Err((BAD_FORMAT, noreply));
     }
-    match number::<T>(args[1]) {
+    match read(args[1]) {
         Some(number) => Ok((key, number, noreply)),
         None => Err((bad_number, noreply)),
     }
@@ -367,7 +370,7 @@ fn flush_all<'a>(tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
     let noreply = n > 0 && args[n - 1] == b"noreply";
     let delay = match (n, noreply) {
         (0, _) | (1, true) => 0,
-        _ => match number::<i64>(args[0]) {
+        _ => match exptime_token(args[0]) {
             Some(delay) => delay,
             None => return invalid(BAD_EXPTIME, line_len, noreply),
         },
@@ -444,6 +447,16 @@ pub(super) fn number<T: std::str::FromStr>(token: &[u8]) -> Option<T> {
         return None;
     }
     std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// An exptime (or `flush_all` delay, or meta `T`/`N`/`R` argument) as
+/// memcached reads it: `strtol` into a 64-bit long (a value that does not
+/// fit is an error), then stored in a 32-bit int, which keeps the low 32
+/// bits. So `4294967295` is -1 (already expired: what libmemcached sends for
+/// Django's `timeout=0`), `4294967296` is 0 (never expires) and
+/// `4294967396` is 100 seconds.
+pub(super) fn exptime_token(token: &[u8]) -> Option<i32> {
+    number::<i64>(token).map(|wide| wide as i32)
 }
 
 /// Space-separated tokens of a request line; runs of spaces count as one.
@@ -552,6 +565,36 @@ mod tests {
     }
 
     #[test]
+    fn exptime_is_cut_to_32_bits_as_memcached_stores_it() {
+        let cases: [(&[u8], Option<i32>); 8] = [
+            (b"0", Some(0)),
+            (b"-1", Some(-1)),
+            (b"2147483648", Some(i32::MIN)),
+            (b"4294967295", Some(-1)),
+            (b"4294967296", Some(0)),
+            (b"4294967396", Some(100)),
+            (b"-2147483649", Some(i32::MAX)),
+            (b"99999999999999999999", None),
+        ];
+        for (token, want) in cases {
+            assert_eq!(
+                exptime_token(token),
+                want,
+                "{}",
+                String::from_utf8_lossy(token)
+            );
+        }
+        match p(b"set k 0 4294967396 1\r\nx\r\n") {
+            Parsed::Request(Command::Store { exptime, .. }, _) => assert_eq!(exptime, 100),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            p(b"set k 0 99999999999999999999 1\r\nx\r\n"),
+            invalid(BAD_FORMAT, 32, false)
+        );
+    }
+
+    #[test]
     fn key_length_limit() {
         let ok = format!("get {}\r\n", "k".repeat(250));
         assert!(matches!(p(ok.as_bytes()), Parsed::Request(..)));
@@ -639,7 +682,7 @@ mod tests {
         for line in [
             &b"set a 0 abc 1\r\n"[..],
             b"set a -1 0 1\r\n",
-            b"set a 4294967296 0 1\r\n",
+            b"set a 18446744073709551616 0 1\r\n",
             b"set a 0 0 -1\r\n",
             b"set a 0 0 2147483646\r\n",
             b"set a 0 0 1x\r\n",
@@ -650,6 +693,11 @@ mod tests {
         assert!(matches!(
             p(b"set a +7 0 01\r\nx\r\n"),
             Parsed::Request(Command::Store { flags: 7, .. }, _)
+        ));
+        // Flags are read as 64 bits and cut to 32, as memcached stores them.
+        assert!(matches!(
+            p(b"set a 4294967297 0 1\r\nx\r\n"),
+            Parsed::Request(Command::Store { flags: 1, .. }, _)
         ));
         assert_eq!(p(b"touch a abc\r\n"), invalid(BAD_EXPTIME, 13, false));
     }
