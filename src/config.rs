@@ -1,12 +1,17 @@
-//! Configuration: a TOML file (every key optional, defaults below and in
-//! `config.example.toml`), then command-line flags on top. Validation names
-//! the offending key; `main` exits with 64 (EX_USAGE) on any error here.
+//! Configuration, in layers, each over the one before: the defaults below
+//! (and in `config.example.toml`), a TOML file, `DYNACACHE_*` environment
+//! variables, then command-line flags ([`Config::load`]). Every key can be
+//! set in every layer the same way, so no key has its own override code.
+//! Validation names the offending key; `main` exits with 64 (EX_USAGE) on
+//! any error here.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::{Figment, Provider};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::store::{DynamoSettings, TableSettings};
@@ -27,8 +32,10 @@ pub struct Config {
     /// Where Prometheus scrapes `/metrics`.
     pub metrics_listen: SocketAddr,
     /// Byte budget of the in-memory cache (keys, values and per-entry overhead).
+    #[serde(with = "byte_size")]
     pub memory_limit: ByteSize,
     /// Largest item accepted (key + value + attribute overhead); at most DynamoDB's 400 KiB.
+    #[serde(with = "byte_size")]
     pub item_size_max: ByteSize,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
@@ -55,7 +62,7 @@ pub struct Config {
     pub table: TableSettings,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     Text,
@@ -133,8 +140,10 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("config file {path}: {message}")]
-    Parse { path: String, message: String },
+    /// A value of the wrong type, or an unknown key, in the file, the
+    /// environment or a flag (the message says which).
+    #[error("{0}")]
+    Layer(String),
     #[error("config key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
 }
@@ -146,21 +155,45 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The environment variables [`Config::load`] reads: `DYNACACHE_<KEY>` for a
+/// top-level key, `DYNACACHE_<SECTION>__<KEY>` for one in a section (e.g.
+/// `DYNACACHE_MAX_LOCAL_AGE=500ms`, `DYNACACHE_DYNAMODB__TABLE=sessions`).
+/// Variables whose first part names no key (`DYNACACHE_CONFIG`, the file's
+/// path) are not configuration and are left alone.
+pub const ENV_PREFIX: &str = "DYNACACHE_";
+
 impl Config {
-    /// Reads a TOML file; keys it leaves out keep their defaults.
-    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Config::from_toml(&text).map_err(|message| ConfigError::Parse {
-            path: path.display().to_string(),
-            message,
-        })
+    /// The configuration from every layer: defaults, then the TOML `file`
+    /// (if any), then `DYNACACHE_*` variables, then `flags` (a provider of
+    /// the keys given on the command line, e.g. [`Serialized::globals`]).
+    /// Then validated.
+    pub fn load(file: Option<&Path>, flags: impl figment::Provider) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            // Checked here: figment would take a missing file for an empty one.
+            std::fs::metadata(path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // Figment's message names the key and the layer it came from.
+        let config: Config = figment
+            .merge(environment())
+            .merge(flags)
+            .extract()
+            .map_err(|e| ConfigError::Layer(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
     }
 
+    /// A configuration file's text over the defaults, as [`Config::load`]
+    /// reads it (not validated).
     pub fn from_toml(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|e| e.to_string())
     }
 
     /// The effective configuration as TOML (it holds no secrets: credentials
@@ -260,6 +293,43 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// The `DYNACACHE_*` layer: variables that name a configuration key.
+fn environment() -> Env {
+    let keys: Vec<String> = match Serialized::defaults(Config::default()).data() {
+        Ok(mut profiles) => profiles
+            .remove(&figment::Profile::Default)
+            .map(|dict| dict.into_keys().collect())
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    Env::prefixed(ENV_PREFIX).split("__").filter(move |key| {
+        let first = key.as_str().split('.').next().unwrap_or_default();
+        keys.iter().any(|k| k.eq_ignore_ascii_case(first))
+    })
+}
+
+/// Byte sizes written as people write them ("64 MiB"), or as a number of
+/// bytes when no unit divides them: exact both ways, unlike ByteSize's own
+/// text ("95.4 MiB"), so `--check-config` prints what is in effect.
+mod byte_size {
+    use bytesize::ByteSize;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(size: &ByteSize, serializer: S) -> Result<S::Ok, S::Error> {
+        let bytes = size.as_u64();
+        for (unit, name) in [(1u64 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")] {
+            if bytes != 0 && bytes.is_multiple_of(unit) {
+                return serializer.collect_str(&format_args!("{} {name}", bytes / unit));
+            }
+        }
+        serializer.serialize_u64(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ByteSize, D::Error> {
+        ByteSize::deserialize(deserializer)
     }
 }
 

@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use figment::Figment;
+use figment::providers::Serialized;
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use dynacache::admin::{self, Admin, Readiness};
@@ -20,7 +23,7 @@ use dynacache::engine::{Engine, EngineOptions};
 use dynacache::listener::Listener;
 use dynacache::protocol::Limits;
 use dynacache::server::{self, ServeOptions};
-use dynacache::store::{DynamoStore, Store};
+use dynacache::store::{DynamoStore, Store, TableBilling};
 
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
@@ -31,9 +34,11 @@ const EXIT_CONFIG: u8 = 64;
 /// strongly consistent DynamoDB read, and writes reach DynamoDB before they
 /// are acknowledged.
 ///
-/// Flags override the configuration file; memcached's -l, -p, -s, -a, -m
-/// and -c mean what they mean to memcached (but -s keeps TCP on: -p 0
-/// turns it off).
+/// Settings come from the defaults, then the configuration file, then
+/// DYNACACHE_<KEY> environment variables (DYNACACHE_<SECTION>__<KEY> in a
+/// section), then flags; every flag works before or after the sub-command.
+/// memcached's -l, -p, -s, -a, -m and -c mean what they mean to memcached
+/// (but -s keeps TCP on: -p 0 turns it off).
 #[derive(Debug, Parser)]
 #[command(
     name = "dynacache",
@@ -45,59 +50,22 @@ const EXIT_CONFIG: u8 = 64;
                   Every setting, with its default: config.example.toml."
 )]
 struct Cli {
-    /// TOML configuration file (see config.example.toml); flags override it.
-    #[arg(long, short = 'C', value_name = "FILE", env = "DYNACACHE_CONFIG")]
+    /// TOML configuration file (see config.example.toml); environment and flags override it.
+    #[arg(
+        long,
+        short = 'C',
+        value_name = "FILE",
+        env = "DYNACACHE_CONFIG",
+        global = true
+    )]
     config: Option<PathBuf>,
     /// Validate the configuration, print it in full as TOML, and exit:
     /// 0 if valid, 64 if not. Connects to nothing.
-    #[arg(long)]
+    #[arg(long, global = true)]
     check_config: bool,
 
-    /// TCP address for memcached clients: an IP, or IP:PORT [default: 127.0.0.1:11211].
-    #[arg(long, short = 'l', value_name = "ADDR", value_parser = parse_listen, help_heading = "Listeners")]
-    listen: Option<ListenAddr>,
-    /// TCP port for memcached clients; 0 turns TCP off [default: 11211].
-    #[arg(long, short = 'p', value_name = "PORT", help_heading = "Listeners")]
-    port: Option<u16>,
-    /// Unix socket for memcached clients, beside TCP.
-    #[arg(long, short = 's', value_name = "PATH", help_heading = "Listeners")]
-    unix_socket: Option<PathBuf>,
-    /// The unix socket's file mode, octal [default: 0700].
-    #[arg(long, short = 'a', value_name = "MODE", help_heading = "Listeners")]
-    unix_socket_mode: Option<SocketMode>,
-    /// Client connections served at once; more wait in the backlog [default: 1024].
-    #[arg(long, short = 'c', value_name = "N", help_heading = "Listeners")]
-    max_connections: Option<usize>,
-    /// HTTP address of /metrics, /healthz and /readyz [default: 127.0.0.1:9150].
-    #[arg(long, value_name = "ADDR", help_heading = "Listeners")]
-    metrics_listen: Option<SocketAddr>,
-
-    /// Cache memory budget, e.g. "64MiB" or "1GiB" [default: 64MiB].
-    #[arg(long, value_name = "SIZE", help_heading = "Cache")]
-    memory_limit: Option<ByteSize>,
-    /// Cache memory budget in MiB, as memcached's -m.
-    #[arg(
-        short = 'm',
-        value_name = "MIB",
-        conflicts_with = "memory_limit",
-        help_heading = "Cache"
-    )]
-    memory_mib: Option<u64>,
-
-    /// DynamoDB table [default: dynacache].
-    #[arg(long, value_name = "NAME", help_heading = "DynamoDB")]
-    table: Option<String>,
-    /// DynamoDB endpoint, e.g. http://127.0.0.1:8000 for DynamoDB Local.
-    #[arg(long, value_name = "URL", help_heading = "DynamoDB")]
-    endpoint_url: Option<String>,
-    /// AWS region [default: from the AWS chain].
-    #[arg(long, value_name = "REGION", help_heading = "DynamoDB")]
-    region: Option<String>,
-
-    /// Log lines as human-readable text or JSON objects [default: text].
-    /// The level comes from RUST_LOG (default: info).
-    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"], help_heading = "Logging")]
-    log_format: Option<String>,
+    #[command(flatten)]
+    flags: Flags,
 
     #[command(subcommand)]
     command: Option<Action>,
@@ -108,8 +76,161 @@ enum Action {
     /// Serve memcached clients (the default).
     Serve,
     /// Create the DynamoDB table with TTL on the expiry attribute; a no-op
-    /// if it exists.
-    InitTable,
+    /// if it exists. Uses --table, --endpoint-url, --region and the
+    /// [dynamodb] and [table] settings.
+    InitTable(TableFlags),
+}
+
+/// Settings given as flags, each landing on the configuration key of the
+/// same name over the file and the environment. Unset flags are left out.
+#[derive(Debug, Args, Serialize)]
+struct Flags {
+    /// TCP address for memcached clients: an IP, or IP:PORT [default: 127.0.0.1:11211].
+    #[arg(long, short = 'l', value_name = "ADDR", value_parser = parse_listen, global = true, help_heading = "Listeners")]
+    #[serde(skip)]
+    listen: Option<ListenAddr>,
+    /// TCP port for memcached clients; 0 turns TCP off [default: 11211].
+    #[arg(
+        long,
+        short = 'p',
+        value_name = "PORT",
+        global = true,
+        help_heading = "Listeners"
+    )]
+    #[serde(skip)]
+    port: Option<u16>,
+    /// Unix socket for memcached clients, beside TCP.
+    #[arg(
+        long,
+        short = 's',
+        value_name = "PATH",
+        global = true,
+        help_heading = "Listeners"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unix_socket: Option<PathBuf>,
+    /// The unix socket's file mode, octal [default: 0700].
+    #[arg(
+        long,
+        short = 'a',
+        value_name = "MODE",
+        global = true,
+        help_heading = "Listeners"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unix_socket_mode: Option<SocketMode>,
+    /// Client connections served at once [default: 1024].
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "N",
+        global = true,
+        help_heading = "Listeners"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections: Option<usize>,
+    /// HTTP address of /metrics, /healthz and /readyz [default: 127.0.0.1:9150].
+    #[arg(long, value_name = "ADDR", global = true, help_heading = "Listeners")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<SocketAddr>,
+
+    /// Cache memory budget, e.g. "64MiB" or "1GiB" [default: 64MiB].
+    #[arg(long, value_name = "SIZE", global = true, help_heading = "Cache")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_byte_size")]
+    memory_limit: Option<ByteSize>,
+    /// Cache memory budget in MiB, as memcached's -m.
+    #[arg(
+        short = 'm',
+        value_name = "MIB",
+        conflicts_with = "memory_limit",
+        global = true,
+        help_heading = "Cache"
+    )]
+    #[serde(skip)]
+    memory_mib: Option<u64>,
+    /// Largest item accepted, key and value included, e.g. "100KiB" [default: 400KiB].
+    #[arg(long, value_name = "SIZE", global = true, help_heading = "Cache")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_byte_size")]
+    item_size_max: Option<ByteSize>,
+    /// How long a cached copy is served before it is re-read from DynamoDB:
+    /// the bound on seeing writes made through other sidecars; "0s" = never
+    /// re-read [default: 2s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, global = true, help_heading = "Cache")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option"
+    )]
+    max_local_age: Option<Duration>,
+    /// Whether a copy older than max_local_age is served when DynamoDB fails
+    /// to re-read it, rather than an error [default: true].
+    #[arg(long, value_name = "BOOL", global = true, help_heading = "Cache")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stale_on_error: Option<bool>,
+
+    /// Log lines as human-readable text or JSON objects [default: text].
+    /// The level comes from RUST_LOG (default: info).
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        value_enum,
+        global = true,
+        help_heading = "Logging"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_format: Option<LogFormat>,
+
+    #[command(flatten)]
+    dynamodb: DynamoFlags,
+}
+
+/// Flags of the `[dynamodb]` section.
+#[derive(Debug, Args, Serialize)]
+struct DynamoFlags {
+    /// DynamoDB table [default: dynacache].
+    #[arg(long, value_name = "NAME", global = true, help_heading = "DynamoDB")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    table: Option<String>,
+    /// DynamoDB endpoint, e.g. http://127.0.0.1:8000 for DynamoDB Local.
+    #[arg(long, value_name = "URL", global = true, help_heading = "DynamoDB")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    endpoint_url: Option<String>,
+    /// AWS region [default: from the AWS chain].
+    #[arg(long, value_name = "REGION", global = true, help_heading = "DynamoDB")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region: Option<String>,
+}
+
+/// Flags of the `[table]` section: how `init-table` creates the table.
+#[derive(Debug, Default, Args, Serialize)]
+struct TableFlags {
+    /// Pay per request, or provisioned capacity [default: on_demand].
+    #[arg(long, value_name = "MODE", value_enum, help_heading = "Table")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    billing_mode: Option<TableBilling>,
+    /// Read capacity units, when provisioned [default: 5].
+    #[arg(long, value_name = "RCU", help_heading = "Table")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    read_capacity: Option<i64>,
+    /// Write capacity units, when provisioned [default: 5].
+    #[arg(long, value_name = "WCU", help_heading = "Table")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    write_capacity: Option<i64>,
+}
+
+/// `Option<ByteSize>` as the configuration writes sizes.
+mod opt_byte_size {
+    use bytesize::ByteSize;
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(
+        size: &Option<ByteSize>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match size {
+            Some(size) => serializer.serialize_u64(size.as_u64()),
+            None => serializer.serialize_none(),
+        }
+    }
 }
 
 /// memcached's -l names an interface (an IP); dynacache also takes IP:PORT.
@@ -129,51 +250,31 @@ fn parse_listen(s: &str) -> Result<ListenAddr, String> {
 }
 
 impl Cli {
+    /// Every layer (see `Config::load`); then memcached's -l, -p and -m,
+    /// which change part of a key (the address's IP or port) or name it
+    /// in other units.
     fn config(&self) -> Result<Config, dynacache::config::ConfigError> {
-        let mut config = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
-        match self.listen {
-            Some(ListenAddr::Addr(addr)) => config.listen = addr,
-            Some(ListenAddr::Ip(ip)) => config.listen.set_ip(ip),
+        let mut flags = Figment::from(Serialized::globals(&self.flags));
+        if let Some(mib) = self.flags.memory_mib {
+            flags = flags.merge(Serialized::global("memory_limit", mib << 20));
+        }
+        if let Some(Action::InitTable(table)) = &self.command {
+            flags = flags.merge(Serialized::global("table", table));
+        }
+        let base = Config::load(self.config.as_deref(), flags)?;
+        let mut listen = base.listen;
+        match self.flags.listen {
+            Some(ListenAddr::Addr(addr)) => listen = addr,
+            Some(ListenAddr::Ip(ip)) => listen.set_ip(ip),
             None => {}
         }
-        if let Some(port) = self.port {
-            config.listen.set_port(port);
+        if let Some(port) = self.flags.port {
+            listen.set_port(port);
         }
-        if let Some(v) = &self.unix_socket {
-            config.unix_socket = Some(v.clone());
+        if listen == base.listen {
+            return Ok(base);
         }
-        if let Some(v) = self.unix_socket_mode {
-            config.unix_socket_mode = v;
-        }
-        if let Some(v) = self.max_connections {
-            config.max_connections = v;
-        }
-        if let Some(v) = self.metrics_listen {
-            config.metrics_listen = v;
-        }
-        if let Some(v) = self.memory_limit {
-            config.memory_limit = v;
-        }
-        if let Some(mib) = self.memory_mib {
-            config.memory_limit = ByteSize::mib(mib);
-        }
-        if let Some(v) = &self.table {
-            config.dynamodb.table = v.clone();
-        }
-        if let Some(v) = &self.endpoint_url {
-            config.dynamodb.endpoint_url = Some(v.clone());
-        }
-        if let Some(v) = &self.region {
-            config.dynamodb.region = Some(v.clone());
-        }
-        match self.log_format.as_deref() {
-            Some("json") => config.log_format = LogFormat::Json,
-            Some(_) => config.log_format = LogFormat::Text,
-            None => {}
-        }
+        let config = Config { listen, ..base };
         config.validate()?;
         Ok(config)
     }
@@ -210,7 +311,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command.unwrap_or(Action::Serve) {
         Action::Serve => runtime.block_on(serve(config)),
-        Action::InitTable => runtime.block_on(init_table(config)),
+        Action::InitTable(_) => runtime.block_on(init_table(config)),
     };
     // Don't wait for blocking tasks (e.g. the SDK's DNS lookups) at exit.
     runtime.shutdown_timeout(Duration::from_secs(1));

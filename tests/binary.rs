@@ -66,6 +66,42 @@ fn help_and_version() {
     ] {
         assert!(help.contains(flag), "--help mentions {flag}");
     }
+    // The settings operators tune most, each with its default.
+    for (flag, default) in [
+        ("--max-local-age <DURATION>", "[default: 2s]"),
+        ("--stale-on-error <BOOL>", "[default: true]"),
+        ("--item-size-max <SIZE>", "[default: 400KiB]"),
+        ("--log-format <FORMAT>", "[default: text]"),
+    ] {
+        let line = help
+            .lines()
+            .find(|l| l.contains(flag))
+            .unwrap_or_else(|| panic!("--help lists {flag}"));
+        let described = help
+            .split(flag)
+            .nth(1)
+            .and_then(|rest| rest.split("\n  -").next())
+            .unwrap_or(line);
+        assert!(described.contains(default), "{flag}: {described}");
+    }
+    assert!(
+        help.contains("[possible values: text, json]"),
+        "--log-format is a value enum"
+    );
+    let out = run(&["init-table", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--table",
+        "--endpoint-url",
+        "--region",
+        "--config",
+        "--billing-mode",
+        "--read-capacity",
+        "--write-capacity",
+    ] {
+        assert!(help.contains(flag), "init-table --help mentions {flag}");
+    }
     let out = run(&["--version"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
@@ -101,12 +137,13 @@ fn bad_config_exits_64_naming_the_key() {
 async fn init_table_creates_with_ttl_and_is_idempotent() {
     let db = DynamoLocal::shared().await;
     let table = common::unique_name("init");
+    // Flags after the sub-command, as users of aws, kubectl and cargo type them.
     let args = [
-        "--endpoint-url",
-        db.endpoint.as_str(),
+        "init-table",
         "--table",
         table.as_str(),
-        "init-table",
+        "--endpoint-url",
+        db.endpoint.as_str(),
     ];
     let out = run(&args);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -130,13 +167,47 @@ async fn init_table_creates_with_ttl_and_is_idempotent() {
     let key = &described.table().unwrap().key_schema()[0];
     assert_eq!(key.attribute_name(), "key");
 
-    let again = run(&args);
+    // And before it, as before.
+    let again = run(&[
+        "--endpoint-url",
+        db.endpoint.as_str(),
+        "--table",
+        table.as_str(),
+        "init-table",
+    ]);
     assert!(
         again.status.success(),
         "a second run is a no-op: {}",
         stderr(&again)
     );
     assert!(stderr(&again).contains("already exists"));
+
+    // Provisioned capacity from init-table's own flags.
+    let provisioned = common::unique_name("prov");
+    let out = run(&[
+        "init-table",
+        "--endpoint-url",
+        db.endpoint.as_str(),
+        "--table",
+        provisioned.as_str(),
+        "--billing-mode",
+        "provisioned",
+        "--read-capacity",
+        "7",
+        "--write-capacity",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let described = db
+        .client()
+        .describe_table()
+        .table_name(&provisioned)
+        .send()
+        .await
+        .unwrap();
+    let throughput = described.table().unwrap().provisioned_throughput().unwrap();
+    assert_eq!(throughput.read_capacity_units(), Some(7));
+    assert_eq!(throughput.write_capacity_units(), Some(3));
 }
 
 /// `--check-config` with `args`: the effective configuration it prints.
@@ -174,6 +245,115 @@ fn check_config_prints_the_effective_config() {
     assert_eq!(out.status.code(), Some(64));
     assert!(out.stdout.is_empty(), "nothing printed for a bad config");
     assert!(stderr(&out).contains("dynamodb.table"), "{}", stderr(&out));
+}
+
+#[test]
+fn file_then_environment_then_flags_on_either_side_of_the_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dynacache.toml");
+    std::fs::write(
+        &path,
+        "max_local_age = \"5s\"\nitem_size_max = \"100 KiB\"\n[dynamodb]\ntable = \"from-file\"\nregion = \"eu-west-1\"\n",
+    )
+    .unwrap();
+    let path = path.to_str().unwrap();
+    let checked_env = |args: &[&str], env: &[(&str, &str)]| -> Config {
+        let mut cmd = dynacache(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        Config::from_toml(&String::from_utf8_lossy(&out.stdout)).unwrap()
+    };
+    let env = [
+        ("DYNACACHE_MAX_LOCAL_AGE", "750ms"),
+        ("DYNACACHE_DYNAMODB__TABLE", "from-env"),
+        ("DYNACACHE_STALE_ON_ERROR", "false"),
+        // Not a configuration key: left alone, not an error.
+        ("DYNACACHE_SOMETHING_ELSE", "1"),
+    ];
+    let config = checked_env(&["--config", path, "--check-config"], &env);
+    assert_eq!(
+        config.max_local_age,
+        Duration::from_millis(750),
+        "env over file"
+    );
+    assert_eq!(config.dynamodb.table, "from-env");
+    assert_eq!(
+        config.dynamodb.region.as_deref(),
+        Some("eu-west-1"),
+        "file over defaults"
+    );
+    assert_eq!(config.item_size_max, bytesize::ByteSize::kib(100));
+    assert!(!config.stale_on_error);
+    for args in [
+        &[
+            "--config",
+            path,
+            "serve",
+            "--max-local-age",
+            "250ms",
+            "--table",
+            "from-flag",
+            "--check-config",
+        ][..],
+        &[
+            "--max-local-age",
+            "250ms",
+            "serve",
+            "--config",
+            path,
+            "--table",
+            "from-flag",
+            "--check-config",
+        ],
+        &[
+            "--check-config",
+            "--table",
+            "from-flag",
+            "serve",
+            "--max-local-age",
+            "250ms",
+            "-C",
+            path,
+        ],
+    ] {
+        let config = checked_env(args, &env);
+        assert_eq!(
+            config.max_local_age,
+            Duration::from_millis(250),
+            "flag over env: {args:?}"
+        );
+        assert_eq!(config.dynamodb.table, "from-flag", "{args:?}");
+        assert_eq!(config.dynamodb.region.as_deref(), Some("eu-west-1"));
+    }
+    let config = checked(&[
+        "--stale-on-error",
+        "false",
+        "--item-size-max",
+        "2000",
+        "--log-format",
+        "json",
+        "--max-local-age",
+        "0s",
+    ]);
+    assert!(!config.stale_on_error);
+    assert_eq!(config.item_size_max, bytesize::ByteSize::b(2000));
+    assert_eq!(config.log_format, LogFormat::Json);
+    assert_eq!(config.max_local_age, Duration::ZERO);
+
+    // A bad value in the environment names the variable's key; exit 64.
+    let out = dynacache(&["--check-config"])
+        .env("DYNACACHE_MAX_CONNECTIONS", "many")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("MAX_CONNECTIONS"), "{}", stderr(&out));
+    // A size no item can have is refused naming the key.
+    let out = run(&["--item-size-max", "1MiB", "--check-config"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("item_size_max"), "{}", stderr(&out));
 }
 
 #[test]
