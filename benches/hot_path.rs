@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::BytesMut;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -22,9 +21,9 @@ use dynacache::cache::{Entry, ItemCache};
 /// The binary's allocator: a hit allocates its copy of the item.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use dynacache::connection::ConnectionOptions;
 use dynacache::engine::Engine;
 use dynacache::protocol::{Limits, Parsed, Reply, parse};
-use dynacache::server::ServeOptions;
 use dynacache::store::MemoryStore;
 
 fn protocol(c: &mut Criterion) {
@@ -119,7 +118,7 @@ fn cache(c: &mut Criterion) {
     g.bench_function("get_hit_copy", |b| {
         b.iter(|| {
             i = (i + 7919) % KEYS;
-            black_box(cache.get(&keys[i], 0).map(|e| e.value().len()))
+            black_box(cache.get(&keys[i], 0).map(|e| e.value.len()))
         })
     });
     g.bench_function("insert_replace", |b| {
@@ -204,12 +203,7 @@ fn connection(c: &mut Criterion) {
         .build()
         .unwrap();
     let engine = Arc::new(Engine::new(ItemCache::new(1 << 26, 16), MemoryStore::new()));
-    let options = ServeOptions {
-        limits: Limits::default(),
-        max_connections: 16,
-        shutdown_grace: Duration::from_secs(1),
-        idle_timeout: None,
-    };
+    let options = ConnectionOptions::default();
     let shutdown = CancellationToken::new();
     let (mut client, server) = tokio::io::duplex(1 << 20);
     rt.spawn({

@@ -4,8 +4,9 @@
 //! - `GET /metrics`: the Prometheus text exposition.
 //! - `GET /healthz`: 200 while the process answers at all (liveness).
 //! - `GET /readyz`: 200 when clients can be served: the memcached listeners
-//!   are up (not starting, not shutting down) and DynamoDB answers
-//!   DescribeTable on the configured table; else 503 with the reason.
+//!   are up (not starting, not shutting down) and the store answers
+//!   ([`Store::ready`]: DynamoDB's DescribeTable on the configured table);
+//!   else 503 with the reason.
 //!
 //! It never touches the cache or the request path; it must not be exposed
 //! beyond the host or pod network (it has no authentication).
@@ -27,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
-use crate::store::DynamoStore;
+use crate::store::Store;
 
 /// How long a readiness answer is reused: a probe storm (many probers, or a
 /// tight period) costs at most one DescribeTable per this interval.
@@ -39,28 +40,34 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// A client that sends no request head within this is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Whether the sidecar can serve its clients now.
-pub struct Readiness {
-    engine: Arc<Engine<DynamoStore>>,
+/// What the admin listener serves, for a server on any store.
+pub struct Admin<S> {
+    recorder: Option<PrometheusHandle>,
+    engine: Arc<Engine<S>>,
     shutdown: CancellationToken,
-    /// The last DynamoDB check; the lock also makes concurrent probes wait
-    /// for one DescribeTable instead of each sending its own.
+    /// The last store check; the lock also makes concurrent probes wait
+    /// for one check instead of each sending its own.
     last: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
-impl Readiness {
+impl<S: Store> Admin<S> {
     /// For an engine whose listeners are bound; `shutdown` firing means
     /// they stop accepting.
-    pub fn new(engine: Arc<Engine<DynamoStore>>, shutdown: CancellationToken) -> Readiness {
-        Readiness {
+    pub fn new(
+        recorder: Option<PrometheusHandle>,
+        engine: Arc<Engine<S>>,
+        shutdown: CancellationToken,
+    ) -> Admin<S> {
+        Admin {
+            recorder,
             engine,
             shutdown,
             last: tokio::sync::Mutex::new(None),
         }
     }
 
-    /// Ok when ready, else the reason.
-    pub async fn check(&self) -> Result<(), String> {
+    /// Whether the sidecar can serve its clients now: Ok, or the reason.
+    pub async fn ready(&self) -> Result<(), String> {
         if self.shutdown.is_cancelled() {
             return Err("shutting down: no longer accepting connections".into());
         }
@@ -70,35 +77,32 @@ impl Readiness {
         {
             return result.clone();
         }
-        let table = &self.engine.store().settings().table;
-        let result = self
-            .engine
-            .store()
-            .describe_table()
-            .await
-            .map_err(|e| format!("DescribeTable {table}: {e}"));
+        let result = self.engine.store().ready().await;
         *last = Some((Instant::now(), result.clone()));
         result
     }
-}
 
-/// What the admin listener serves.
-pub struct Admin {
-    pub metrics: PrometheusHandle,
-    pub readiness: Readiness,
+    fn metrics(&self) -> String {
+        crate::metrics::render(
+            self.recorder.as_ref(),
+            self.engine.counters(),
+            &self.engine.cache().stats(),
+        )
+    }
 }
 
 /// Serves `listener` until the process exits: it keeps answering during a
 /// graceful shutdown, so probes see 503 and Prometheus gets a last scrape.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
-    let upkeep = admin.metrics.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(UPKEEP_EVERY);
-        loop {
-            tick.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
+pub async fn serve<S: Store>(listener: TcpListener, admin: Arc<Admin<S>>) {
+    if let Some(recorder) = admin.recorder.clone() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(UPKEEP_EVERY);
+            loop {
+                tick.tick().await;
+                recorder.run_upkeep();
+            }
+        });
+    }
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -126,7 +130,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     }
 }
 
-async fn respond(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond<S: Store>(admin: &Admin<S>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         response
@@ -136,7 +140,7 @@ async fn respond(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>>
     }
     match req.uri().path() {
         "/metrics" => {
-            let mut response = text(StatusCode::OK, crate::metrics::render(&admin.metrics));
+            let mut response = text(StatusCode::OK, admin.metrics());
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -144,7 +148,7 @@ async fn respond(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>>
             response
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => match admin.readiness.check().await {
+        "/readyz" => match admin.ready().await {
             Ok(()) => text(StatusCode::OK, "ready\n"),
             Err(reason) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -172,22 +176,19 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 mod tests {
     use super::*;
     use crate::cache::ItemCache;
-    use crate::store::DynamoSettings;
+    use crate::store::MemoryStore;
 
     #[tokio::test]
-    async fn not_ready_once_shutdown_begins() {
-        // Nothing listens on port 9: the check must not get that far.
-        let settings = DynamoSettings {
-            endpoint_url: Some("http://127.0.0.1:9".into()),
-            region: Some("us-east-1".into()),
-            ..DynamoSettings::default()
-        };
-        let store = DynamoStore::connect(settings).await;
-        let engine = Arc::new(Engine::new(ItemCache::new(1 << 20, 1), store));
+    async fn readiness_follows_the_store_and_shutdown() {
+        let engine = Arc::new(Engine::new(ItemCache::new(1 << 20, 1), MemoryStore::new()));
         let shutdown = CancellationToken::new();
-        let readiness = Readiness::new(engine, shutdown.clone());
+        let admin = Admin::new(None, engine.clone(), shutdown.clone());
+        assert_eq!(admin.ready().await, Ok(()));
         shutdown.cancel();
-        let reason = readiness.check().await.unwrap_err();
+        let reason = admin.ready().await.unwrap_err();
         assert!(reason.starts_with("shutting down"), "{reason}");
+        let failing = Admin::new(None, engine, CancellationToken::new());
+        failing.engine.store().set_failing(true);
+        assert!(failing.ready().await.is_err(), "the store's answer");
     }
 }

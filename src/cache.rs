@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use hashbrown::HashTable;
 
+use crate::store::{Item, is_expired};
+
 /// Bytes charged per entry besides its key and value's allocation (see
 /// [`allocation_size`]), so that the budget bounds real memory (measured
 /// against RSS in BENCHMARKS.md):
@@ -92,10 +94,6 @@ impl Entry {
     pub fn charge(&self) -> usize {
         entry_charge(self.kv.len())
     }
-
-    pub fn is_expired(&self, now: u32) -> bool {
-        self.expires_at != 0 && self.expires_at <= now
-    }
 }
 
 /// An entry seen in place, in the cache, for as long as its shard is locked.
@@ -127,8 +125,13 @@ impl EntryRef<'_> {
     }
 
     /// A copy that outlives the lock.
-    pub fn to_entry(&self) -> Entry {
-        self.0.entry()
+    pub fn to_item(&self) -> Item {
+        Item {
+            value: self.value().to_vec(),
+            flags: self.0.flags,
+            expires_at: self.0.expires_at,
+            version: self.0.version,
+        }
     }
 }
 
@@ -183,8 +186,8 @@ impl ItemCache {
 
     /// A copy of the live entry for `key`, marked most recently used. An
     /// expired entry is dropped and reported as absent.
-    pub fn get(&self, key: &[u8], now: u32) -> Option<Entry> {
-        self.get_with(key, now, |entry| entry.to_entry())
+    pub fn get(&self, key: &[u8], now: u32) -> Option<Item> {
+        self.get_with(key, now, |entry| entry.to_item())
     }
 
     /// [`ItemCache::get`] without the copy: `read` sees the live entry in
@@ -206,6 +209,13 @@ impl ItemCache {
         }
         shard.touch(idx);
         Some(read(EntryRef(&shard.slots[idx])))
+    }
+
+    /// Stores a copy of `item` for `key`, as read from the store at
+    /// `filled_at_ms` (see [`Entry::filled_at`]); as [`ItemCache::insert`].
+    pub fn insert_item(&self, key: &[u8], item: &Item, filled_at_ms: u64) -> bool {
+        let entry = Entry::new(key, &item.value, item.flags, item.expires_at, item.version);
+        self.insert(entry.filled_at(filled_at_ms))
     }
 
     /// Stores `entry`, replacing any entry for its key, evicting least
@@ -347,19 +357,7 @@ impl Slot {
     }
 
     fn is_expired(&self, now: u32) -> bool {
-        self.expires_at != 0 && self.expires_at <= now
-    }
-
-    /// A copy for the caller, made under the shard's lock.
-    fn entry(&self) -> Entry {
-        Entry {
-            kv: self.kv.clone(),
-            key_len: (self.filled_and_key_len >> FILLED_BITS) as u8,
-            flags: self.flags,
-            expires_at: self.expires_at,
-            version: self.version,
-            filled_at_ms: self.filled_and_key_len & FILLED_MASK,
-        }
+        is_expired(self.expires_at, now)
     }
 }
 
@@ -538,11 +536,21 @@ mod tests {
         let cache = ItemCache::new(1 << 20, 1);
         let key = [b'k'; 250];
         let entry = Entry::new(&key, b"value", u32::MAX, u32::MAX - 1, u64::MAX).filled_at(1 << 50);
-        assert!(cache.insert(entry.clone()));
-        assert_eq!(cache.get(&key, 0), Some(entry));
+        assert!(cache.insert(entry));
+        let item = Item {
+            value: b"value".to_vec(),
+            flags: u32::MAX,
+            expires_at: u32::MAX - 1,
+            version: u64::MAX,
+        };
+        assert_eq!(cache.get(&key, 0), Some(item));
+        assert_eq!(cache.get_with(&key, 0, |e| e.filled_at_ms()), Some(1 << 50));
         // A fill time beyond 56 bits is kept at the largest it can hold.
         cache.insert(Entry::new(b"x", b"", 0, 0, 1).filled_at(u64::MAX));
-        assert_eq!(cache.get(b"x", 0).unwrap().filled_at_ms, (1 << 56) - 1);
+        assert_eq!(
+            cache.get_with(b"x", 0, |e| e.filled_at_ms()),
+            Some((1 << 56) - 1)
+        );
     }
 
     #[test]
@@ -551,8 +559,12 @@ mod tests {
         assert!(cache.insert(Entry::new(b"k", b"v", 7, 0, 42)));
         let got = cache.get(b"k", 100).unwrap();
         assert_eq!(
-            (got.key(), got.value(), got.flags, got.version),
-            (&b"k"[..], &b"v"[..], 7, 42)
+            (got.value.as_slice(), got.flags, got.version),
+            (&b"v"[..], 7, 42)
+        );
+        assert_eq!(
+            cache.get_with(b"k", 100, |e| e.key().to_vec()),
+            Some(b"k".to_vec())
         );
         assert!(cache.get(b"x", 100).is_none());
     }

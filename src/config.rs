@@ -37,7 +37,7 @@ pub struct Config {
     /// Largest item accepted (key + value + attribute overhead); at most DynamoDB's 400 KiB.
     #[serde(with = "byte_size")]
     pub item_size_max: ByteSize,
-    /// Connections served at once; more wait in the listen backlog.
+    /// Connections served at once; more are refused (`ERROR Too many open connections`).
     pub max_connections: usize,
     /// Cache shards; 0 picks 8 per core.
     pub cache_shards: usize,
@@ -55,6 +55,14 @@ pub struct Config {
     /// Close a connection idle this long; 0 = never (memcached's default).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// A request must arrive whole within this of its first byte, or the
+    /// connection is closed (a client trickling bytes cannot hold a slot).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// A reply must be taken by the client within this, or the connection
+    /// is closed (a client that never reads cannot hold a slot).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     /// "text" (human-readable) or "json" logs.
     pub log_format: LogFormat,
     pub dynamodb: DynamoSettings,
@@ -85,6 +93,8 @@ impl Default for Config {
             stale_on_error: true,
             flush_enabled: true,
             idle_timeout: Duration::ZERO,
+            request_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
             log_format: LogFormat::Text,
             dynamodb: DynamoSettings::default(),
             table: TableSettings::default(),

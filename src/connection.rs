@@ -4,15 +4,20 @@
 //!
 //! Memory per connection is bounded by [`Limits::max_request`] for input and
 //! by one batch of replies for output. A client that disconnects mid-request
-//! leaves nothing half-applied: a request runs only once it is whole.
+//! leaves nothing half-applied: a request runs only once it is whole. A
+//! client cannot hold its connection slot by trickling a request
+//! (`request_timeout`) or by not reading its replies (`write_timeout`).
+
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Config;
 use crate::engine::{Engine, Flow};
-use crate::protocol::{Parsed, Reply, parse};
-use crate::server::ServeOptions;
+use crate::protocol::{Limits, Parsed, Reply, parse};
 use crate::store::Store;
 
 /// Read in chunks of this much at least.
@@ -22,13 +27,42 @@ const WRITE_HIGH_WATER: usize = 256 * 1024;
 
 const TOO_LARGE: Reply<'static> = Reply::ServerError("object too large for cache");
 
+/// How connections are served.
+#[derive(Debug, Clone)]
+pub struct ConnectionOptions {
+    pub limits: Limits,
+    /// Close a connection idle this long (None: never).
+    pub idle_timeout: Option<Duration>,
+    /// A request must arrive whole within this of its first byte.
+    pub request_timeout: Duration,
+    /// Replies must be taken by the client within this.
+    pub write_timeout: Duration,
+}
+
+impl ConnectionOptions {
+    pub fn from_config(config: &Config, limits: Limits) -> ConnectionOptions {
+        ConnectionOptions {
+            limits,
+            idle_timeout: (!config.idle_timeout.is_zero()).then_some(config.idle_timeout),
+            request_timeout: config.request_timeout,
+            write_timeout: config.write_timeout,
+        }
+    }
+}
+
+impl Default for ConnectionOptions {
+    fn default() -> Self {
+        ConnectionOptions::from_config(&Config::default(), Limits::default())
+    }
+}
+
 /// Serves one connection until the client quits or disconnects, the
-/// protocol requires closing it, it idles past `options.idle_timeout`, or
-/// `shutdown` fires while it is between requests.
+/// protocol requires closing it, a timeout fires, or `shutdown` fires while
+/// it is between requests.
 pub async fn serve<S, T>(
     mut stream: T,
     engine: &Engine<S>,
-    options: &ServeOptions,
+    options: &ConnectionOptions,
     shutdown: &CancellationToken,
 ) -> std::io::Result<()>
 where
@@ -44,6 +78,9 @@ where
     // registering a fresh waiter on every read was 7% of a hit's instructions.
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
+    // When the request at the front of `rbuf` must be whole (set while part
+    // of one is buffered or being discarded).
+    let mut request_deadline: Option<Instant> = None;
     loop {
         loop {
             if discard > 0 {
@@ -58,11 +95,13 @@ where
                 Parsed::Request(cmd, len) => {
                     let flow = engine.execute(cmd, &mut wbuf).await;
                     rbuf.advance(len);
+                    request_deadline = None;
                     if flow == Flow::Close {
-                        return stream.write_all(&wbuf).await;
+                        return write(&mut stream, &wbuf, options).await;
                     }
                     if wbuf.len() >= WRITE_HIGH_WATER {
-                        stream.write_all(&wbuf).await?;
+                        write(&mut stream, &wbuf, options).await?;
+                        engine.counters().io(0, wbuf.len());
                         wbuf.clear();
                     }
                 }
@@ -77,6 +116,7 @@ where
                         reply.encode(&mut wbuf);
                     }
                     rbuf.advance(len);
+                    request_deadline = None;
                 }
                 Parsed::TooLarge {
                     mode,
@@ -97,33 +137,57 @@ where
                 }
                 Parsed::LineTooLong => {
                     // memcached closes such a connection without a reply.
-                    return stream.write_all(&wbuf).await;
+                    return write(&mut stream, &wbuf, options).await;
                 }
             }
         }
         if !wbuf.is_empty() {
-            stream.write_all(&wbuf).await?;
-            engine.count_io(0, wbuf.len());
+            write(&mut stream, &wbuf, options).await?;
+            engine.counters().io(0, wbuf.len());
             wbuf.clear();
+        }
+        if rbuf.is_empty() && discard == 0 {
+            request_deadline = None;
+        } else if request_deadline.is_none() {
+            request_deadline = Some(Instant::now() + options.request_timeout);
         }
         if rbuf.capacity() - rbuf.len() < READ_CHUNK {
             rbuf.reserve(READ_CHUNK);
         }
         let idle = async {
-            match options.idle_timeout {
-                Some(limit) => tokio::time::sleep(limit).await,
-                None => std::future::pending().await,
+            match (request_deadline, options.idle_timeout) {
+                (Some(deadline), _) => tokio::time::sleep_until(deadline).await,
+                (None, Some(limit)) => tokio::time::sleep(limit).await,
+                (None, None) => std::future::pending().await,
             }
         };
         let read = tokio::select! {
             biased;
             _ = &mut cancelled => return Ok(()),
             read = stream.read_buf(&mut rbuf) => read?,
+            // Idle past idle_timeout, or a request trickling in past
+            // request_timeout: close without a reply, as memcached does.
             _ = idle => return Ok(()),
         };
         if read == 0 {
             return Ok(());
         }
-        engine.count_io(read, 0);
+        engine.counters().io(read, 0);
+    }
+}
+
+/// Writes `bytes` within the write timeout: a client that does not read its
+/// replies loses its connection rather than holding it forever.
+async fn write<T: AsyncWrite + Unpin>(
+    stream: &mut T,
+    bytes: &[u8],
+    options: &ConnectionOptions,
+) -> std::io::Result<()> {
+    match tokio::time::timeout(options.write_timeout, stream.write_all(bytes)).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client did not read its replies within write_timeout",
+        )),
     }
 }

@@ -27,6 +27,15 @@ pub enum Accepted {
     Unix(UnixStream),
 }
 
+impl Accepted {
+    pub fn peer(&self) -> Peer {
+        match self {
+            Accepted::Tcp(_, addr) => Peer::Tcp(*addr),
+            Accepted::Unix(_) => Peer::Unix,
+        }
+    }
+}
+
 /// Who is at the other end, for log lines.
 #[derive(Debug, Clone, Copy)]
 pub enum Peer {
@@ -73,6 +82,14 @@ impl Listener {
         match self {
             Listener::Tcp(l) => l.poll_accept(cx).map_ok(|(s, a)| Accepted::Tcp(s, a)),
             Listener::Unix(l, _) => l.poll_accept(cx).map_ok(|(s, _)| Accepted::Unix(s)),
+        }
+    }
+
+    /// The bound TCP address (None for a unix socket).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(..) => None,
         }
     }
 

@@ -6,7 +6,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytesize::ByteSize;
@@ -16,14 +15,9 @@ use figment::providers::Serialized;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use dynacache::admin::{self, Admin, Readiness};
-use dynacache::cache::{CacheStats, ItemCache};
 use dynacache::config::{Config, LogFormat, SocketMode};
-use dynacache::engine::{Engine, EngineOptions};
-use dynacache::listener::Listener;
-use dynacache::protocol::Limits;
-use dynacache::server::{self, ServeOptions};
-use dynacache::store::{DynamoStore, Store, TableBilling};
+use dynacache::server;
+use dynacache::store::{DynamoStore, TableBilling};
 
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
@@ -367,95 +361,17 @@ async fn serve(config: Config) -> Result<(), String> {
     {
         tracing::warn!(listen = %addr, "listening beyond loopback: any host that reaches this address can read and write the cache");
     }
-    let metrics = dynacache::metrics::install()
+    let recorder = dynacache::metrics::install()
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
-
     let store = DynamoStore::connect(config.dynamodb.clone()).await;
-    let limits = Limits {
-        item_size_max: config.item_size_max.as_u64() as usize,
-        item_overhead: store.item_overhead(),
-        ..Limits::default()
-    };
-    let shards = match config.cache_shards {
-        0 => ItemCache::default_shards(),
-        n => n,
-    };
-    let cache = ItemCache::new(config.memory_limit.as_u64(), shards);
-    let engine_options = EngineOptions {
-        max_local_age: config.max_local_age,
-        stale_on_error: config.stale_on_error,
-        flush_enabled: config.flush_enabled,
-        settings_report: settings_report(&config),
-    };
-    let engine = Arc::new(Engine::with_options(cache, store, engine_options));
-    // A flush_all made before this process started still hides old items.
-    if let Err(e) = engine.refresh_flush_marker().await {
-        tracing::warn!(error = %e, "cannot read the flush_all marker yet; retrying in the background");
-    }
-
-    let mut listeners = Vec::new();
-    if let Some(addr) = config.tcp_listen() {
-        listeners.push(Listener::bind_tcp(addr).await?);
-    }
-    if let Some(path) = &config.unix_socket {
-        listeners.push(Listener::bind_unix(path, config.unix_socket_mode)?);
-    }
-    let admin_listener = tokio::net::TcpListener::bind(config.metrics_listen)
-        .await
-        .map_err(|e| format!("cannot serve metrics on {}: {e}", config.metrics_listen))?;
-
-    let shutdown = CancellationToken::new();
-    let admin = Admin {
-        metrics,
-        readiness: Readiness::new(engine.clone(), shutdown.clone()),
-    };
-    tokio::spawn(admin::serve(admin_listener, Arc::new(admin)));
-    let described: Vec<_> = listeners.iter().map(Listener::describe).collect();
-    tracing::info!(listen = %described.join(", "), metrics = %config.metrics_listen, table = %config.dynamodb.table, "serving");
-
-    tokio::spawn(publish_cache_metrics(engine.clone(), shutdown.clone()));
-    let upkeep = engine.clone();
-    let upkeep_shutdown = shutdown.clone();
-    tokio::spawn(async move { upkeep.run_upkeep(upkeep_shutdown).await });
-    tokio::spawn(wait_for_signal(shutdown.clone()));
-    let options = ServeOptions {
-        limits,
-        max_connections: config.max_connections,
-        shutdown_grace: config.shutdown_grace,
-        idle_timeout: (!config.idle_timeout.is_zero()).then_some(config.idle_timeout),
-    };
-    if server::serve(listeners, engine, options, shutdown).await {
+    let running = server::start(&config, store, Some(recorder)).await?;
+    tokio::spawn(wait_for_signal(running.shutdown_token()));
+    if running.stopped().await {
         tracing::info!("stopped");
     } else {
         tracing::warn!(grace = ?config.shutdown_grace, "stopped with requests still in flight after the grace period");
     }
     Ok(())
-}
-
-/// `stats settings` lines, named as memcached names them where it has them.
-fn settings_report(config: &Config) -> Vec<(&'static str, String)> {
-    vec![
-        ("maxconns", config.max_connections.to_string()),
-        ("tcpport", config.listen.port().to_string()),
-        ("inter", config.listen.ip().to_string()),
-        ("item_size_max", config.item_size_max.as_u64().to_string()),
-        ("idle_timeout", config.idle_timeout.as_secs().to_string()),
-        (
-            "num_threads",
-            std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .to_string(),
-        ),
-        (
-            "max_local_age",
-            humantime::format_duration(config.max_local_age).to_string(),
-        ),
-        ("dynamodb_table", config.dynamodb.table.clone()),
-        (
-            "consistent_reads",
-            config.dynamodb.consistent_reads.to_string(),
-        ),
-    ]
 }
 
 async fn wait_for_signal(shutdown: CancellationToken) {
@@ -476,15 +392,4 @@ async fn wait_for_signal(shutdown: CancellationToken) {
         "shutting down: no new connections, finishing requests in flight"
     );
     shutdown.cancel();
-}
-
-async fn publish_cache_metrics<S: Store>(engine: Arc<Engine<S>>, shutdown: CancellationToken) {
-    let mut last = CacheStats::default();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => dynacache::metrics::publish_cache(&engine.cache().stats(), &mut last),
-        }
-    }
 }

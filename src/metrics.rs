@@ -1,17 +1,20 @@
-//! Metric names and the Prometheus exporter. Names follow Prometheus
-//! conventions: `_total` counters, base units (`_seconds`, `_bytes`).
+//! What is counted, once: every event the request path records is one
+//! atomic add ([`Counters::record`]), and both memcached's `stats` and the
+//! Prometheus text of `/metrics` read the same atomics. Names follow
+//! Prometheus conventions: `_total` counters, base units (`_seconds`,
+//! `_bytes`). The README's metrics table documents every name here.
 //!
-//! Handles for the request path are made once ([`CommandMetrics`]), so
-//! counting a request is an atomic add, not a registry lookup. The README's
-//! metrics table documents every name here.
+//! Histograms (latencies, batch sizes) and the DynamoDB call counters go
+//! through the `metrics` crate's recorder ([`install`]), whose text
+//! [`render`] serves together with the counters.
 
 use std::fmt::Write as _;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use metrics::{Counter, Gauge, Histogram};
+use metrics::Histogram;
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use strum::{EnumCount, IntoStaticStr, VariantArray};
 
 use crate::cache::CacheStats;
 
@@ -30,6 +33,7 @@ pub const DYNAMODB_BATCH_KEYS: &str = "dynacache_dynamodb_batch_get_keys";
 pub const CACHE_COALESCED: &str = "dynacache_cache_coalesced_misses_total";
 pub const CACHE_STALE_SERVED: &str = "dynacache_cache_stale_served_total";
 pub const CACHE_REVALIDATIONS: &str = "dynacache_cache_revalidations_total";
+pub const WRITES_FENCED: &str = "dynacache_writes_fenced_total";
 pub const DYNAMODB_RETRIES: &str = "dynacache_dynamodb_retries_total";
 pub const DYNAMODB_READ_CAPACITY: &str = "dynacache_dynamodb_consumed_read_capacity_units_total";
 pub const DYNAMODB_WRITE_CAPACITY: &str = "dynacache_dynamodb_consumed_write_capacity_units_total";
@@ -37,6 +41,7 @@ pub const CONNECTIONS: &str = "dynacache_connections";
 pub const CONNECTIONS_TOTAL: &str = "dynacache_connections_total";
 pub const CONNECTIONS_LIMIT: &str = "dynacache_connections_limit";
 pub const CONNECTIONS_LIMIT_REACHED: &str = "dynacache_connections_limit_reached_total";
+pub const CLIENT_BYTES: &str = "dynacache_client_bytes_total";
 
 /// Latency buckets for DynamoDB calls: 250 µs (DynamoDB Local on loopback) to 10 s.
 const DURATION_BUCKETS: &[f64] = &[
@@ -65,39 +70,13 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     Ok(handle)
 }
 
-/// The Prometheus text for `/metrics`: the recorder's metrics, then the
-/// capacity counters.
-pub fn render(handle: &PrometheusHandle) -> String {
-    let mut text = handle.render();
-    render_capacity(&mut text);
-    text
-}
-
 fn describe() {
-    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(COMMANDS, "Requests by command and outcome.");
+    use metrics::{Unit, describe_counter, describe_histogram};
     describe_histogram!(
         COMMAND_DURATION,
         Unit::Seconds,
         "Time to run a command (cache and DynamoDB), from parsed request to encoded reply."
     );
-    describe_counter!(CACHE_HITS, "Keys served from memory.");
-    describe_counter!(
-        CACHE_MISSES,
-        "Keys not in memory (then read from DynamoDB)."
-    );
-    describe_counter!(
-        CACHE_EVICTIONS,
-        "Entries evicted to stay within the memory budget."
-    );
-    describe_counter!(CACHE_EXPIRATIONS, "Expired entries dropped from memory.");
-    describe_gauge!(CACHE_ITEMS, "Entries in memory.");
-    describe_gauge!(
-        CACHE_BYTES,
-        Unit::Bytes,
-        "Bytes charged against the memory budget."
-    );
-    describe_gauge!(CACHE_LIMIT_BYTES, Unit::Bytes, "The memory budget.");
     describe_counter!(
         DYNAMODB_REQUESTS,
         "DynamoDB calls by operation and outcome."
@@ -112,34 +91,376 @@ fn describe() {
         "Keys per BatchGetItem call (multi-get misses)."
     );
     describe_counter!(
-        CACHE_COALESCED,
-        "Misses that waited for another request's read of the same key."
-    );
-    describe_counter!(
-        CACHE_REVALIDATIONS,
-        "Cached entries older than max_local_age re-read from DynamoDB."
-    );
-    describe_counter!(
-        CACHE_STALE_SERVED,
-        "Entries older than max_local_age served because DynamoDB failed."
-    );
-    describe_counter!(
         DYNAMODB_RETRIES,
         "DynamoDB attempts beyond the first, by operation (the SDK's standard retry)."
     );
-    describe_gauge!(CONNECTIONS, "Open client connections.");
-    describe_counter!(
-        CONNECTIONS_TOTAL,
-        "Client connections accepted since start."
-    );
-    describe_gauge!(
-        CONNECTIONS_LIMIT,
-        "Connections served at once (max_connections); more wait in the listen backlog."
-    );
-    describe_counter!(
-        CONNECTIONS_LIMIT_REACHED,
-        "Times all connection slots were taken, so new clients waited in the listen backlog."
-    );
+}
+
+/// What the request path counts. Each event is one counter; memcached's
+/// `stats` shows those memcached has (under memcached's names), `/metrics`
+/// those it has a name for ([`Event::prometheus`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum Event {
+    /// Keys asked for by retrievals (memcached's `cmd_get`).
+    CmdGet,
+    /// Storage commands (`cmd_set`).
+    CmdSet,
+    CmdFlush,
+    CmdTouch,
+    /// Keys found, from memory or DynamoDB (`get_hits`).
+    GetHits,
+    GetMisses,
+    /// Cached entries found expired.
+    GetExpired,
+    /// Cached entries hidden by a `flush_all`.
+    GetFlushed,
+    DeleteMisses,
+    DeleteHits,
+    IncrMisses,
+    IncrHits,
+    DecrMisses,
+    DecrHits,
+    CasMisses,
+    CasHits,
+    CasBadval,
+    TouchHits,
+    TouchMisses,
+    StoreTooLarge,
+    /// Items larger than the whole cache budget: stored, but not kept in memory.
+    StoreNoMemory,
+    /// Items written (`total_items`).
+    TotalItems,
+    TotalConnections,
+    /// Connections closed at once because all slots were taken.
+    RejectedConnections,
+    /// Keys served from memory.
+    CacheHits,
+    /// Keys read from DynamoDB.
+    CacheMisses,
+    CacheCoalesced,
+    CacheRevalidations,
+    CacheStaleServed,
+    /// Writes of unknown outcome made harmless (see `engine::write`).
+    WritesFenced,
+}
+
+impl Event {
+    /// Events dynacache adds: not in memcached's `stats`.
+    fn memcached(self) -> bool {
+        !matches!(
+            self,
+            Event::CacheHits
+                | Event::CacheMisses
+                | Event::CacheCoalesced
+                | Event::CacheRevalidations
+                | Event::CacheStaleServed
+                | Event::WritesFenced
+        )
+    }
+
+    /// The Prometheus counter this event is, with its help text.
+    fn prometheus(self) -> Option<(&'static str, &'static str)> {
+        Some(match self {
+            Event::CacheHits => (CACHE_HITS, "Keys served from memory."),
+            Event::CacheMisses => (
+                CACHE_MISSES,
+                "Keys not in memory (then read from DynamoDB).",
+            ),
+            Event::CacheCoalesced => (
+                CACHE_COALESCED,
+                "Misses that waited for another request's read of the same key.",
+            ),
+            Event::CacheRevalidations => (
+                CACHE_REVALIDATIONS,
+                "Cached entries older than max_local_age re-read from DynamoDB.",
+            ),
+            Event::CacheStaleServed => (
+                CACHE_STALE_SERVED,
+                "Entries older than max_local_age served because DynamoDB failed.",
+            ),
+            Event::WritesFenced => (
+                WRITES_FENCED,
+                "Writes whose outcome was unknown (a timeout), made unable to land later.",
+            ),
+            Event::TotalConnections => (
+                CONNECTIONS_TOTAL,
+                "Client connections accepted since start.",
+            ),
+            Event::RejectedConnections => (
+                CONNECTIONS_LIMIT_REACHED,
+                "Connections refused with ERROR Too many open connections, all slots being taken.",
+            ),
+            _ => return None,
+        })
+    }
+}
+
+/// How a request ended, for `dynacache_commands_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum Outcome {
+    Hit,
+    Miss,
+    Stored,
+    NotStored,
+    Deleted,
+    NotFound,
+    Touched,
+    Ok,
+    ClientError,
+    ServerError,
+}
+
+/// The kinds of request, labelling `dynacache_commands_total` and the
+/// latency histogram; `Invalid` counts requests that did not parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum CommandKind {
+    Get,
+    Gets,
+    Gat,
+    Gats,
+    Set,
+    Add,
+    Replace,
+    Append,
+    Prepend,
+    Cas,
+    Delete,
+    Touch,
+    Incr,
+    Decr,
+    FlushAll,
+    Stats,
+    Verbosity,
+    CacheMemlimit,
+    Shutdown,
+    Mn,
+    Mg,
+    Ms,
+    Md,
+    Ma,
+    Me,
+    Version,
+    Quit,
+    Invalid,
+}
+
+impl CommandKind {
+    pub fn name(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// The counters of one server, and its command latency histograms.
+pub struct Counters {
+    events: [AtomicU64; Event::COUNT],
+    /// `stats reset` subtracts these: Prometheus counters never go down.
+    reset_at: [AtomicU64; Event::COUNT],
+    commands: [[AtomicU64; Outcome::COUNT]; CommandKind::COUNT],
+    durations: [Histogram; CommandKind::COUNT],
+    /// Open client connections.
+    connections: AtomicU64,
+    connections_limit: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+impl Counters {
+    /// Counters whose histograms go to the recorder installed now (none:
+    /// they record nothing; the counters count anyway).
+    pub fn new() -> Counters {
+        Counters {
+            events: std::array::from_fn(|_| AtomicU64::new(0)),
+            reset_at: std::array::from_fn(|_| AtomicU64::new(0)),
+            commands: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            durations: std::array::from_fn(|i| {
+                let name = CommandKind::VARIANTS[i].name();
+                metrics::histogram!(COMMAND_DURATION, "command" => name)
+            }),
+            connections: AtomicU64::new(0),
+            connections_limit: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one event.
+    pub fn record(&self, event: Event) {
+        self.events[event as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How often `event` happened since start.
+    pub fn get(&self, event: Event) -> u64 {
+        self.events[event as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts one request and records how long it took.
+    pub fn finished(&self, kind: CommandKind, outcome: Outcome, started: Instant) {
+        self.counted(kind, outcome);
+        self.durations[kind as usize].record(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts one request whose time is not measured (`quit`, a bad request).
+    pub fn counted(&self, kind: CommandKind, outcome: Outcome) {
+        self.commands[kind as usize][outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.record(Event::TotalConnections);
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    pub fn set_connections_limit(&self, limit: usize) {
+        self.connections_limit
+            .store(limit as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes a connection read and wrote.
+    pub fn io(&self, read: usize, written: usize) {
+        self.bytes_read.fetch_add(read as u64, Ordering::Relaxed);
+        self.bytes_written
+            .fetch_add(written as u64, Ordering::Relaxed);
+    }
+
+    /// memcached's counters, as `stats` prints them (since the last reset).
+    pub fn stats(&self) -> Vec<(&'static str, u64)> {
+        let mut lines: Vec<(&'static str, u64)> = Event::VARIANTS
+            .iter()
+            .filter(|e| e.memcached())
+            .map(|&e| {
+                let i = e as usize;
+                let now = self.events[i].load(Ordering::Relaxed);
+                (
+                    e.into(),
+                    now.saturating_sub(self.reset_at[i].load(Ordering::Relaxed)),
+                )
+            })
+            .collect();
+        lines.push(("bytes_read", self.bytes_read.load(Ordering::Relaxed)));
+        lines.push(("bytes_written", self.bytes_written.load(Ordering::Relaxed)));
+        lines
+    }
+
+    /// `stats reset`: memcached's counters start again from zero (for
+    /// `stats` only; `/metrics` counters never go down).
+    pub fn reset(&self) {
+        for (event, at) in self.events.iter().zip(&self.reset_at) {
+            at.store(event.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    /// Appends the Prometheus text of these counters and of `cache`.
+    pub fn render(&self, cache: &CacheStats, out: &mut String) {
+        family(out, COMMANDS, "counter", "Requests by command and outcome.");
+        for kind in CommandKind::VARIANTS {
+            for outcome in Outcome::VARIANTS {
+                let n = self.commands[*kind as usize][*outcome as usize].load(Ordering::Relaxed);
+                if n > 0 {
+                    let (command, outcome): (&str, &str) = (kind.name(), outcome.into());
+                    let _ = writeln!(
+                        out,
+                        "{COMMANDS}{{command=\"{command}\",outcome=\"{outcome}\"}} {n}"
+                    );
+                }
+            }
+        }
+        for event in Event::VARIANTS {
+            if let Some((name, help)) = event.prometheus() {
+                family(out, name, "counter", help);
+                let _ = writeln!(out, "{name} {}", self.get(*event));
+            }
+        }
+        let gauges: [(&str, &str, &str, u64); 7] = [
+            (
+                CONNECTIONS,
+                "gauge",
+                "Open client connections.",
+                self.connections(),
+            ),
+            (
+                CONNECTIONS_LIMIT,
+                "gauge",
+                "Connections served at once (max_connections); more are refused.",
+                self.connections_limit.load(Ordering::Relaxed),
+            ),
+            (CACHE_ITEMS, "gauge", "Entries in memory.", cache.items),
+            (
+                CACHE_BYTES,
+                "gauge",
+                "Bytes charged against the memory budget.",
+                cache.bytes,
+            ),
+            (
+                CACHE_LIMIT_BYTES,
+                "gauge",
+                "The memory budget.",
+                cache.limit_bytes,
+            ),
+            (
+                CACHE_EVICTIONS,
+                "counter",
+                "Entries evicted to stay within the memory budget.",
+                cache.evictions,
+            ),
+            (
+                CACHE_EXPIRATIONS,
+                "counter",
+                "Expired entries dropped from memory.",
+                cache.expirations,
+            ),
+        ];
+        for (name, kind, help, value) in gauges {
+            family(out, name, kind, help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+        family(
+            out,
+            CLIENT_BYTES,
+            "counter",
+            "Bytes read from and written to memcached clients.",
+        );
+        for (direction, counter) in [("read", &self.bytes_read), ("written", &self.bytes_written)] {
+            let n = counter.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{CLIENT_BYTES}{{direction=\"{direction}\"}} {n}");
+        }
+    }
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters::new()
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// The Prometheus text for `/metrics`: the recorder's metrics (if one is
+/// installed), a server's counters, then the capacity counters.
+pub fn render(
+    recorder: Option<&PrometheusHandle>,
+    counters: &Counters,
+    cache: &CacheStats,
+) -> String {
+    let mut text = recorder.map(PrometheusHandle::render).unwrap_or_default();
+    if !text.is_empty() && !text.ends_with("\n\n") {
+        text.push('\n');
+    }
+    counters.render(cache, &mut text);
+    text.push('\n');
+    render_capacity(&mut text);
+    text
 }
 
 /// DynamoDB's capacity units consumed, by operation. Counted here, not in
@@ -166,10 +487,9 @@ static READ_CAPACITY: [CapacityCounter; 2] = [
     CapacityCounter::new("GetItem"),
     CapacityCounter::new("BatchGetItem"),
 ];
-static WRITE_CAPACITY: [CapacityCounter; 3] = [
+static WRITE_CAPACITY: [CapacityCounter; 2] = [
     CapacityCounter::new("PutItem"),
     CapacityCounter::new("UpdateItem"),
-    CapacityCounter::new("DeleteItem"),
 ];
 
 /// Adds what one call consumed; other operations (DescribeTable) consume none.
@@ -202,167 +522,12 @@ fn render_capacity(out: &mut String) {
         ),
     ];
     for (name, counters, help) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        family(out, name, "counter", help);
         for c in counters {
             let units = c.milli_units.load(Ordering::Relaxed) as f64 / 1000.0;
             let _ = writeln!(out, "{name}{{operation=\"{}\"}} {units}", c.operation);
         }
         out.push('\n');
-    }
-}
-
-/// Publishes the cache's totals (called periodically: the cache keeps its
-/// own counters so the request path touches no gauge).
-pub fn publish_cache(stats: &CacheStats, last: &mut CacheStats) {
-    metrics::gauge!(CACHE_ITEMS).set(stats.items as f64);
-    metrics::gauge!(CACHE_BYTES).set(stats.bytes as f64);
-    metrics::gauge!(CACHE_LIMIT_BYTES).set(stats.limit_bytes as f64);
-    metrics::counter!(CACHE_EVICTIONS).increment(stats.evictions.saturating_sub(last.evictions));
-    metrics::counter!(CACHE_EXPIRATIONS)
-        .increment(stats.expirations.saturating_sub(last.expirations));
-    *last = *stats;
-}
-
-/// How a request ended, for `dynacache_commands_total{outcome}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Hit,
-    Miss,
-    Stored,
-    NotStored,
-    Deleted,
-    NotFound,
-    Touched,
-    Ok,
-    ClientError,
-    ServerError,
-}
-
-impl Outcome {
-    const ALL: usize = 10;
-
-    fn name(self) -> &'static str {
-        match self {
-            Outcome::Hit => "hit",
-            Outcome::Miss => "miss",
-            Outcome::Stored => "stored",
-            Outcome::NotStored => "not_stored",
-            Outcome::Deleted => "deleted",
-            Outcome::NotFound => "not_found",
-            Outcome::Touched => "touched",
-            Outcome::Ok => "ok",
-            Outcome::ClientError => "client_error",
-            Outcome::ServerError => "server_error",
-        }
-    }
-}
-
-/// Command names that label `dynacache_commands_total`; "invalid" counts
-/// requests that did not parse.
-pub const COMMAND_NAMES: &[&str] = &[
-    "get",
-    "gets",
-    "gat",
-    "gats",
-    "set",
-    "add",
-    "replace",
-    "append",
-    "prepend",
-    "cas",
-    "delete",
-    "touch",
-    "incr",
-    "decr",
-    "flush_all",
-    "stats",
-    "verbosity",
-    "cache_memlimit",
-    "shutdown",
-    "mn",
-    "mg",
-    "ms",
-    "md",
-    "ma",
-    "me",
-    "version",
-    "quit",
-    "invalid",
-];
-
-/// Handles for what the request path counts, registered on first use so
-/// only combinations that happen appear in `/metrics`.
-pub struct CommandMetrics {
-    commands: Box<[OnceLock<Counter>]>,
-    durations: Box<[OnceLock<Histogram>]>,
-    pub hits: Counter,
-    pub misses: Counter,
-    pub coalesced: Counter,
-    pub revalidations: Counter,
-    pub stale_served: Counter,
-    pub connections: Gauge,
-    pub connections_total: Counter,
-    pub connections_limit: Gauge,
-    pub connections_limit_reached: Counter,
-}
-
-impl CommandMetrics {
-    /// Handles bound to the recorder installed now (none: they count nothing).
-    pub fn new() -> CommandMetrics {
-        CommandMetrics {
-            commands: (0..COMMAND_NAMES.len() * Outcome::ALL)
-                .map(|_| OnceLock::new())
-                .collect(),
-            durations: COMMAND_NAMES.iter().map(|_| OnceLock::new()).collect(),
-            hits: metrics::counter!(CACHE_HITS),
-            misses: metrics::counter!(CACHE_MISSES),
-            coalesced: metrics::counter!(CACHE_COALESCED),
-            revalidations: metrics::counter!(CACHE_REVALIDATIONS),
-            stale_served: metrics::counter!(CACHE_STALE_SERVED),
-            connections: metrics::gauge!(CONNECTIONS),
-            connections_total: metrics::counter!(CONNECTIONS_TOTAL),
-            connections_limit: metrics::gauge!(CONNECTIONS_LIMIT),
-            connections_limit_reached: metrics::counter!(CONNECTIONS_LIMIT_REACHED),
-        }
-    }
-
-    /// Counts one request: `command` must be one of [`COMMAND_NAMES`].
-    pub fn command(&self, command: &'static str, outcome: Outcome) {
-        if let Some(idx) = command_index(command) {
-            self.count(idx, command, outcome);
-        }
-    }
-
-    /// Counts one finished request and records its latency: one name
-    /// lookup for both, since this runs for every request.
-    pub fn finished(&self, command: &'static str, outcome: Outcome, started: Instant) {
-        let Some(idx) = command_index(command) else {
-            return;
-        };
-        self.count(idx, command, outcome);
-        self.durations[idx]
-            .get_or_init(|| metrics::histogram!(COMMAND_DURATION, "command" => command))
-            .record(started.elapsed().as_secs_f64());
-    }
-
-    fn count(&self, idx: usize, command: &'static str, outcome: Outcome) {
-        self.commands[idx * Outcome::ALL + outcome as usize]
-            .get_or_init(
-                || metrics::counter!(COMMANDS, "command" => command, "outcome" => outcome.name()),
-            )
-            .increment(1);
-    }
-}
-
-fn command_index(command: &str) -> Option<usize> {
-    let idx = COMMAND_NAMES.iter().position(|&n| n == command);
-    debug_assert!(idx.is_some(), "unknown command name {command}");
-    idx
-}
-
-impl Default for CommandMetrics {
-    fn default() -> Self {
-        CommandMetrics::new()
     }
 }
 
@@ -396,5 +561,47 @@ mod tests {
         assert!(after.contains(&format!(
             "{DYNAMODB_WRITE_CAPACITY}{{operation=\"PutItem\"}} "
         )));
+    }
+
+    #[test]
+    fn one_count_feeds_stats_and_prometheus_and_reset_is_for_stats_only() {
+        let counters = Counters::new();
+        counters.record(Event::CacheHits);
+        counters.record(Event::GetHits);
+        counters.record(Event::GetHits);
+        let stats: std::collections::HashMap<_, _> = counters.stats().into_iter().collect();
+        assert_eq!(stats["get_hits"], 2);
+        assert!(
+            !stats.contains_key("cache_hits"),
+            "dynacache's own events stay out of stats"
+        );
+        let mut text = String::new();
+        counters.render(&CacheStats::default(), &mut text);
+        assert!(text.contains(&format!("{CACHE_HITS} 1\n")), "{text}");
+        counters.reset();
+        counters.record(Event::CacheHits);
+        let stats: std::collections::HashMap<_, _> = counters.stats().into_iter().collect();
+        assert_eq!(stats["get_hits"], 0);
+        let mut text = String::new();
+        counters.render(&CacheStats::default(), &mut text);
+        assert!(
+            text.contains(&format!("{CACHE_HITS} 2\n")),
+            "never goes down: {text}"
+        );
+    }
+
+    #[test]
+    fn command_names_are_the_protocol_names() {
+        let names: Vec<&str> = CommandKind::VARIANTS.iter().map(|k| k.name()).collect();
+        for name in [
+            "get",
+            "gats",
+            "flush_all",
+            "cache_memlimit",
+            "mg",
+            "invalid",
+        ] {
+            assert!(names.contains(&name), "{name} in {names:?}");
+        }
     }
 }

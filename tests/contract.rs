@@ -5,7 +5,7 @@ mod common;
 
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::AttributeValue;
-use common::{DynamoLocal, McClient, TestServer, now, table_item};
+use common::{DynamoLocal, McClient, TestServer, live_item, now, table_item};
 use dynacache::store::Store;
 
 fn n(v: &AttributeValue) -> u64 {
@@ -139,7 +139,7 @@ async fn add_delete_touch_follow_the_table() {
     );
     assert_eq!(c.call(b"touch missing 10\r\n").await, "NOT_FOUND\r\n");
     assert_eq!(c.call(b"delete a\r\n").await, "DELETED\r\n");
-    assert!(table_item(&db.client(), &settings, "a").await.is_none());
+    assert!(live_item(&db.client(), &settings, "a").await.is_none());
     assert_eq!(c.call(b"get a\r\n").await, "END\r\n");
     assert_eq!(c.call(b"delete a\r\n").await, "NOT_FOUND\r\n");
 
@@ -254,7 +254,7 @@ async fn item_size_limit_matches_dynamodb() {
     );
     assert!(c.reply().await.starts_with("VERSION "));
     assert!(server.engine.cache().get(key.as_bytes(), 0).is_none());
-    assert!(table_item(&db.client(), &settings, &key).await.is_none());
+    assert!(live_item(&db.client(), &settings, &key).await.is_none());
     let get = format!("get {key}\r\n");
     assert_eq!(c.call(get.as_bytes()).await, "END\r\n");
 }

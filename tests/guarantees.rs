@@ -4,13 +4,13 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::AttributeValue;
 use common::proxy::{Fault, FaultProxy};
-use common::{DynamoLocal, McClient, TestServer, WAIT, table_item};
+use common::{DynamoLocal, TestServer, WAIT, live_item, table_item, test_config};
+use dynacache::config::Config;
 use dynacache::engine::EngineOptions;
 use dynacache::store::DynamoSettings;
 
@@ -157,7 +157,7 @@ async fn a_read_older_than_a_write_never_fills_the_cache() {
         .cache()
         .get(b"k", 0)
         .expect("the write cached its value");
-    assert_eq!(cached.value(), b"new");
+    assert_eq!(cached.value.as_slice(), b"new");
     assert_eq!(
         writer.call(b"get k\r\n").await,
         "VALUE k 0 3\r\nnew\r\nEND\r\n"
@@ -205,7 +205,11 @@ async fn writes_to_one_key_reach_the_cache_in_dynamodb_order() {
     let in_table = table_item(&db.client(), &settings, "k").await.unwrap();
     assert_eq!(in_table["value"].as_b().unwrap().as_ref(), b"second");
     let cached = server.engine.cache().get(b"k", 0).expect("cached");
-    assert_eq!(cached.value(), b"second", "the cache ends as DynamoDB does");
+    assert_eq!(
+        cached.value.as_slice(),
+        b"second",
+        "the cache ends as DynamoDB does"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,7 +255,7 @@ async fn racing_writes_and_reads_leave_cache_equal_to_table() {
             .map(|item| item["value"].as_b().unwrap().as_ref().to_vec());
         if let Some(cached) = server.engine.cache().get(key.as_bytes(), 0) {
             assert_eq!(
-                Some(cached.value().to_vec()),
+                Some(cached.value.as_slice().to_vec()),
                 in_table,
                 "cache and DynamoDB agree on {key}"
             );
@@ -482,7 +486,7 @@ async fn careless_and_hostile_clients_cost_little() {
         assert_eq!(c.call(b"get half\r\n").await, "END\r\n");
     }
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(table_item(&db.client(), &settings, "half").await.is_none());
+    assert!(live_item(&db.client(), &settings, "half").await.is_none());
 
     // Idle connections are closed after idle_timeout; busy ones are not.
     let mut idle = server.client().await;
@@ -491,42 +495,120 @@ async fn careless_and_hostile_clients_cost_little() {
     assert!(started.elapsed() >= Duration::from_millis(450));
 }
 
+/// Waits (bounded) until the server counts `n` open connections.
+async fn connections_become(server: &TestServer, n: u64) {
+    let deadline = Instant::now() + WAIT;
+    while server.engine.counters().connections() != n {
+        assert!(Instant::now() < deadline, "never {n} connections");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_beyond_the_limit_wait_for_a_permit() {
+async fn connections_beyond_the_limit_are_refused_at_once() {
     let db = DynamoLocal::shared().await;
-    let settings = db.new_table().await;
-    let store = common::connect(settings).await;
-    let engine = Arc::new(dynacache::engine::Engine::new(
-        dynacache::cache::ItemCache::new(MB, 1),
-        store,
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let options = dynacache::server::ServeOptions {
-        limits: Default::default(),
+    let config = Config {
         max_connections: 2,
-        shutdown_grace: Duration::from_secs(1),
-        idle_timeout: None,
+        ..test_config(db.new_table().await)
     };
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let serving = tokio::spawn(dynacache::server::serve(
-        vec![listener.into()],
-        engine,
-        options,
-        shutdown.clone(),
-    ));
-    let mut first = McClient::connect(addr).await;
-    let mut second = McClient::connect(addr).await;
+    let server = TestServer::with_config(config).await;
+    let mut first = server.client().await;
+    let mut second = server.client().await;
     assert!(first.call(b"version\r\n").await.starts_with("VERSION"));
     assert!(second.call(b"version\r\n").await.starts_with("VERSION"));
-    // The third waits in the kernel's backlog: no answer while two are open...
-    let mut third = McClient::connect(addr).await;
-    third.send(b"version\r\n").await;
-    let early = tokio::time::timeout(Duration::from_millis(300), third.reply()).await;
-    assert!(early.is_err(), "served beyond max_connections");
-    // ...and is served as soon as one closes.
+    // The third is told at once, as memcached tells it, and closed: its
+    // client fails fast and can pick another server.
+    let started = Instant::now();
+    let mut third = server.client().await;
+    assert_eq!(
+        third.try_reply().await.as_deref(),
+        Some("ERROR Too many open connections\r\n")
+    );
+    assert!(third.closed().await);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let stats = first.stats("").await;
+    assert_eq!(
+        stats["rejected_connections"], "1",
+        "counted as memcached counts it"
+    );
+    // A slot freed is a slot for the next client.
     drop(first);
-    assert!(third.reply().await.starts_with("VERSION"));
-    shutdown.cancel();
-    serving.await.unwrap();
+    connections_become(&server, 1).await;
+    let mut fourth = server.client().await;
+    assert!(fourth.call(b"version\r\n").await.starts_with("VERSION"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_client_is_closed_by_request_timeout() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let config = Config {
+        request_timeout: Duration::from_millis(500),
+        ..test_config(settings.clone())
+    };
+    let server = TestServer::with_config(config).await;
+    // Whole requests with pauses between them are fine: only a request that
+    // takes too long to arrive counts.
+    let mut patient = server.client().await;
+    for _ in 0..3 {
+        assert!(patient.call(b"version\r\n").await.starts_with("VERSION"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // One byte every 100 ms never makes a whole request in time.
+    let mut trickler = server.client().await;
+    let started = Instant::now();
+    trickler.send(b"set k 0 0 100\r\n").await;
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if trickler.try_send(b"x").await.is_err() || server.engine.counters().connections() < 2
+            {
+                return;
+            }
+        }
+    });
+    closed.await.expect("closed in time");
+    connections_become(&server, 1).await;
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(450), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    assert!(live_item(&db.client(), &settings, "k").await.is_none());
+    assert!(patient.call(b"version\r\n").await.starts_with("VERSION"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_closed_by_write_timeout() {
+    let db = DynamoLocal::shared().await;
+    let config = Config {
+        write_timeout: Duration::from_millis(500),
+        ..test_config(db.new_table().await)
+    };
+    let server = TestServer::with_config(config).await;
+    let mut c = server.client().await;
+    let value = vec![b'v'; 300 * 1024];
+    let mut set = format!("set big 0 0 {}\r\n", value.len()).into_bytes();
+    set.extend_from_slice(&value);
+    set.extend_from_slice(b"\r\n");
+    assert_eq!(c.call(&set).await, "STORED\r\n");
+    // Ask for far more than socket buffers hold, and never read.
+    let mut reader = server.client().await;
+    let started = Instant::now();
+    for _ in 0..200 {
+        if reader.try_send(b"get big\r\n").await.is_err() {
+            break;
+        }
+    }
+    connections_become(&server, 1).await;
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+    // The slot went back; others are served as before.
+    assert!(
+        c.call(b"get big\r\n")
+            .await
+            .starts_with("VALUE big 0 307200")
+    );
 }

@@ -5,21 +5,22 @@ use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
 
-use super::stats::bump;
+use super::write::{Done, Op, Refusal};
 use super::{Answer, Engine, VERSION, expiry, unix_micros, version_at};
-use crate::metrics::Outcome;
+use crate::metrics::{Event, Outcome};
 use crate::protocol::{Reply, StatsGroup};
 use crate::store::Store;
 
-/// memcached refuses a budget below 8 MiB with this line.
-const MEMLIMIT_TOO_SMALL: &str = "MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m";
+/// The key of the item recording the last `flush_all` (its version is the
+/// flush time): reserved, no client can name it.
+pub const FLUSH_MARKER_KEY: &[u8] = b"dynacache flush_all";
 
 impl<S: Store> Engine<S> {
     /// `flush_all [delay]`: from its time on, no item written before it is
     /// served by any sidecar on the table. The time is recorded in a marker
-    /// item; items are compared by their version, which dates their write.
-    /// Nothing is scanned or deleted: hidden items go with their TTL or
-    /// when overwritten.
+    /// item (through the write path); items are compared by their version,
+    /// which dates their write. Nothing is scanned or deleted: hidden items
+    /// go with their TTL or when overwritten.
     pub(super) async fn flush_all(&self, delay: i32, now: u32) -> Answer {
         if !self.options.flush_enabled {
             return Ok((
@@ -27,20 +28,30 @@ impl<S: Store> Engine<S> {
                 Reply::ClientError("flush_all not allowed"),
             ));
         }
-        bump(&self.stats.cmd_flush);
+        self.counters.record(Event::CmdFlush);
         // memcached reads the delay like an exptime; 0 or less is now.
         let at_micros = match delay {
             d if d <= 0 => unix_micros(),
             d => u64::from(expiry(d, now)) * 1_000_000,
         };
-        let flushed_before = version_at(at_micros);
-        self.store.set_flush_marker(flushed_before).await?;
-        self.apply_flush(flushed_before);
+        let before = version_at(at_micros);
+        let view = self.view(now);
+        match self
+            .write(FLUSH_MARKER_KEY, Op::Flush { before }, view)
+            .await?
+        {
+            Done::Written(_) => {}
+            // A later flush is already recorded: adopt it.
+            Done::Refused(Refusal::AlreadyFlushed, Some(marker)) => {
+                self.apply_flush(marker.version)
+            }
+            Done::Refused(..) => {}
+        }
         Ok((Outcome::Ok, Reply::Ok))
     }
 
     /// Adopts a flush time (ours, or another sidecar's from the marker).
-    fn apply_flush(&self, flushed_before: u64) {
+    pub(super) fn apply_flush(&self, flushed_before: u64) {
         let previous = self
             .flushed_before
             .fetch_max(flushed_before, Ordering::SeqCst);
@@ -54,34 +65,42 @@ impl<S: Store> Engine<S> {
     /// `max_local_age` (or 2 s), so a flush through another sidecar is seen
     /// within the same bound as its writes.
     pub async fn refresh_flush_marker(&self) -> Result<(), crate::store::StoreError> {
-        let marker = self.store.flush_marker().await?;
+        let marker = self
+            .store
+            .get(FLUSH_MARKER_KEY)
+            .await?
+            .map_or(0, |marker| marker.version);
         if marker > self.flushed_before.load(Ordering::SeqCst) {
             self.apply_flush(marker);
         }
         Ok(())
     }
 
-    /// Background upkeep for as long as the engine serves: the flush marker.
+    /// Background upkeep for as long as the engine serves: the flush marker,
+    /// and the fences of writes whose outcome is unknown.
     pub async fn run_upkeep(&self, shutdown: tokio_util::sync::CancellationToken) {
         let period = self.options.flush_poll_period();
         // The first look is the caller's, at start-up.
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {
-                    if let Err(e) = self.refresh_flush_marker().await {
-                        tracing::debug!(error = %e, "cannot read the flush_all marker");
+        let flush_marker = async {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {
+                        if let Err(e) = self.refresh_flush_marker().await {
+                            tracing::debug!(error = %e, "cannot read the flush_all marker");
+                        }
                     }
                 }
             }
-        }
+        };
+        tokio::join!(flush_marker, self.run_fences(&shutdown));
     }
 
     pub(super) fn cache_memlimit(&self, megabytes: u64) -> (Outcome, Reply<'static>) {
         if megabytes < 8 {
-            return (Outcome::ClientError, Reply::Line(MEMLIMIT_TOO_SMALL));
+            return (Outcome::ClientError, Reply::MemlimitTooSmall);
         }
         self.cache.set_limit(megabytes << 20);
         (Outcome::Ok, Reply::Ok)
@@ -107,11 +126,8 @@ impl<S: Store> Engine<S> {
                 stat("pointer_size", &(usize::BITS));
                 stat("rusage_user", &user);
                 stat("rusage_system", &system);
-                stat(
-                    "curr_connections",
-                    &self.connections.load(Ordering::Relaxed),
-                );
-                for (name, value) in self.stats.snapshot() {
+                stat("curr_connections", &self.counters.connections());
+                for (name, value) in self.counters.stats() {
                     stat(name, &value);
                 }
                 stat("limit_maxbytes", &cache.limit_bytes);
@@ -156,7 +172,7 @@ impl<S: Store> Engine<S> {
             }
             StatsGroup::Sizes => stat("sizes_status", &"disabled"),
             StatsGroup::Reset => {
-                self.stats.reset();
+                self.counters.reset();
                 Reply::Reset.encode(out);
                 return Outcome::Ok;
             }

@@ -1,19 +1,17 @@
 //! Meta commands (`mg`, `ms`, `md`, `ma`, `me`) on the classic commands'
-//! paths: `mg` is the get path (or `touch_item` with `T`), `ms` the storage
-//! path with its conditional puts, `ma` the atomic read-modify-write of
-//! `incr`, `md` `delete` (or a version-conditioned put with `C`). Which
-//! replies `q` hides follows memcached 1.6.18: `mg` hides `EN`, `ms` and
-//! `md` hide `HD`, `ma` hides the answer to a counter that existed.
+//! paths: `mg` is the get path (or a touch through the write path with
+//! `T`), `ms` a storage write, `ma` the arithmetic of `incr`, `md` a delete
+//! (only of that version with `C`). Which replies `q` hides follows
+//! memcached 1.6.18: `mg` hides `EN`, `ms` and `md` hide `HD`, `ma` hides the
+//! answer to a counter that existed.
 
 use bytes::BytesMut;
 
-use super::read::Value;
-use super::stats::bump;
-use super::write::{Arith, StoreResult};
+use super::write::{Done, Op, Refusal};
 use super::{Engine, error_reply, expiry};
-use crate::metrics::Outcome;
+use crate::metrics::{Event, Outcome};
 use crate::protocol::{Meta, MetaCmd, MetaCode, MetaItem, MetaMode, Reply, StoreMode};
-use crate::store::{Store, View};
+use crate::store::{Item, Store, StoreError, View};
 
 /// The return flags each reply answers (`h` and `l` are never answered).
 const MG_HIT: &[u8] = b"cfkOst";
@@ -24,7 +22,7 @@ const MA_HIT: &[u8] = b"ckOt";
 impl<S: Store> Engine<S> {
     pub(super) async fn meta(&self, meta: Meta<'_>, out: &mut BytesMut, view: View) -> Outcome {
         let key = &meta.key[..];
-        if let Err(e) = self.store.check_key(key) {
+        if let Err(e) = self.check_key(key) {
             return error_reply(out, &e);
         }
         let result = match meta.cmd {
@@ -42,23 +40,26 @@ impl<S: Store> Engine<S> {
         meta: &Meta<'_>,
         out: &mut BytesMut,
         view: View,
-    ) -> Result<Outcome, crate::store::StoreError> {
+    ) -> Result<Outcome, StoreError> {
         let key = &meta.key[..];
         let flags = &meta.flags;
         let mut found = match flags.ttl {
             Some(ttl) => {
-                bump(&self.stats.cmd_touch);
-                let item = self.touch_item(key, expiry(ttl, view.now), view).await?;
-                bump(&self.stats.cmd_get);
-                bump(match item {
-                    Some(_) => &self.stats.touch_hits,
-                    None => &self.stats.touch_misses,
-                });
-                bump(match item {
-                    Some(_) => &self.stats.get_hits,
-                    None => &self.stats.get_misses,
-                });
-                item.map(Value::Stored)
+                self.counters.record(Event::CmdTouch);
+                self.counters.record(Event::CmdGet);
+                let op = Op::Touch {
+                    expires_at: expiry(ttl, view.now),
+                };
+                match self.write(key, op, view).await? {
+                    Done::Written(item) => {
+                        self.counters.record(Event::GetHits);
+                        Some(item)
+                    }
+                    Done::Refused(..) => {
+                        self.counters.record(Event::GetMisses);
+                        None
+                    }
+                }
             }
             None => {
                 // A hit is answered from the cache in place, as `get`'s are.
@@ -74,12 +75,12 @@ impl<S: Store> Engine<S> {
                     } else {
                         (MetaCode::Hd, &b""[..])
                     };
-                    self.meta_reply(out, meta, code, MG_HIT, Some(item), data, false);
+                    meta_reply(out, meta, code, MG_HIT, Some(item), data, false);
                 });
                 match served.served() {
                     Ok(()) => {
-                        self.metrics.hits.increment(1);
-                        bump(&self.stats.get_hits);
+                        self.counters.record(Event::CacheHits);
+                        self.counters.record(Event::GetHits);
                         return Ok(Outcome::Hit);
                     }
                     Err(lookup) => self.finish_lookup(key, view, lookup).await?,
@@ -93,36 +94,41 @@ impl<S: Store> Engine<S> {
             // Vivify: an empty item, created only if the key is still
             // absent; its creator is told it won (`W`). memcached then
             // applies `T`, so `T` wins over `N` for the new item's TTL.
-            let ttl = flags.ttl.unwrap_or(ttl);
-            match self
-                .store_inner(StoreMode::Add, None, key, 0, ttl, b"", view)
-                .await?
-            {
-                StoreResult::Stored(item) => {
+            let op = Op::Store {
+                mode: StoreMode::Add,
+                flags: 0,
+                expires_at: expiry(flags.ttl.unwrap_or(ttl), view.now),
+                data: b"",
+                cas: None,
+            };
+            match self.write(key, op, view).await? {
+                Done::Written(item) => {
                     win = true;
-                    found = Some(Value::Stored(item));
+                    found = Some(item);
                 }
-                _ => found = self.lookup(key, view).await?,
+                Done::Refused(..) => found = self.lookup(key, view).await?,
             }
         }
-        let Some(value) = found else {
+        let Some(item) = found else {
             if !flags.quiet {
-                self.meta_reply(out, meta, MetaCode::En, KEY_OPAQUE, None, b"", false);
+                meta_reply(out, meta, MetaCode::En, KEY_OPAQUE, None, b"", false);
             }
             return Ok(Outcome::Miss);
         };
-        let item = MetaItem {
-            cas: value.version(),
-            flags: value.flags(),
-            size: value.bytes().len(),
-            ttl: ttl_left(value.expires_at(), view.now),
-        };
         let (code, data) = if flags.value {
-            (MetaCode::Va, value.bytes())
+            (MetaCode::Va, &item.value[..])
         } else {
             (MetaCode::Hd, &b""[..])
         };
-        self.meta_reply(out, meta, code, MG_HIT, Some(item), data, win);
+        meta_reply(
+            out,
+            meta,
+            code,
+            MG_HIT,
+            Some(meta_item(&item, view)),
+            data,
+            win,
+        );
         Ok(Outcome::Hit)
     }
 
@@ -131,32 +137,30 @@ impl<S: Store> Engine<S> {
         meta: &Meta<'_>,
         out: &mut BytesMut,
         view: View,
-    ) -> Result<Outcome, crate::store::StoreError> {
+    ) -> Result<Outcome, StoreError> {
         let flags = &meta.flags;
-        let mode = match (flags.mode.unwrap_or_default(), flags.cas) {
-            (MetaMode::Add, _) => StoreMode::Add,
-            (MetaMode::Set | MetaMode::Replace, Some(cas)) => StoreMode::Cas(cas),
-            (MetaMode::Replace, None) => StoreMode::Replace,
-            (MetaMode::Append, _) => StoreMode::Append,
-            (MetaMode::Prepend, _) => StoreMode::Prepend,
+        self.counters.record(Event::CmdSet);
+        let mode = match flags.mode.unwrap_or_default() {
+            MetaMode::Add => StoreMode::Add,
+            MetaMode::Replace => StoreMode::Replace,
+            MetaMode::Append => StoreMode::Append,
+            MetaMode::Prepend => StoreMode::Prepend,
             _ => StoreMode::Set,
         };
-        let result = self
-            .store_inner(
-                mode,
-                flags.cas,
-                &meta.key,
-                flags.client_flags,
-                flags.ttl.unwrap_or(0),
-                meta.data,
-                view,
-            )
-            .await?;
-        let (code, outcome, cas) = match result {
-            StoreResult::Stored(item) => (MetaCode::Hd, Outcome::Stored, item.version),
-            StoreResult::NotStored => (MetaCode::Ns, Outcome::NotStored, 0),
-            StoreResult::Exists => (MetaCode::Ex, Outcome::NotStored, 0),
-            StoreResult::NotFound => (MetaCode::Nf, Outcome::NotFound, 0),
+        // `C` with `ME` is ignored (memcached adds or refuses, whatever the cas).
+        let cas = flags.cas.filter(|_| mode != StoreMode::Add);
+        let op = Op::Store {
+            mode,
+            flags: flags.client_flags,
+            expires_at: expiry(flags.ttl.unwrap_or(0), view.now),
+            data: meta.data,
+            cas,
+        };
+        let (code, outcome, cas) = match self.write(&meta.key, op, view).await? {
+            Done::Written(item) => (MetaCode::Hd, Outcome::Stored, item.version),
+            Done::Refused(Refusal::Exists, _) => (MetaCode::Ex, Outcome::NotStored, 0),
+            Done::Refused(Refusal::NotFound, _) => (MetaCode::Nf, Outcome::NotFound, 0),
+            Done::Refused(..) => (MetaCode::Ns, Outcome::NotStored, 0),
         };
         if !(flags.quiet && code == MetaCode::Hd) {
             let item = MetaItem {
@@ -165,7 +169,7 @@ impl<S: Store> Engine<S> {
                 size: 0,
                 ttl: 0,
             };
-            self.meta_reply(out, meta, code, MS, Some(item), b"", false);
+            meta_reply(out, meta, code, MS, Some(item), b"", false);
         }
         Ok(outcome)
     }
@@ -175,22 +179,18 @@ impl<S: Store> Engine<S> {
         meta: &Meta<'_>,
         out: &mut BytesMut,
         view: View,
-    ) -> Result<Outcome, crate::store::StoreError> {
-        let key = &meta.key[..];
-        let (code, outcome) = match meta.flags.cas {
-            Some(cas) => match self.delete_version(key, cas, view).await? {
-                StoreResult::Stored(_) => (MetaCode::Hd, Outcome::Deleted),
-                StoreResult::Exists => (MetaCode::Ex, Outcome::NotStored),
-                _ => (MetaCode::Nf, Outcome::NotFound),
-            },
-            // `I` (invalidate) deletes too: see the README.
-            None => match self.delete(key, view).await?.0 {
-                Outcome::Deleted => (MetaCode::Hd, Outcome::Deleted),
-                other => (MetaCode::Nf, other),
-            },
+    ) -> Result<Outcome, StoreError> {
+        // `I` (invalidate) deletes too: see the README.
+        let op = Op::Delete {
+            cas: meta.flags.cas,
+        };
+        let (code, outcome) = match self.write(&meta.key, op, view).await? {
+            Done::Written(_) => (MetaCode::Hd, Outcome::Deleted),
+            Done::Refused(Refusal::Exists, _) => (MetaCode::Ex, Outcome::NotStored),
+            Done::Refused(..) => (MetaCode::Nf, Outcome::NotFound),
         };
         if !(meta.flags.quiet && code == MetaCode::Hd) {
-            self.meta_reply(out, meta, code, KEY_OPAQUE, None, b"", false);
+            meta_reply(out, meta, code, KEY_OPAQUE, None, b"", false);
         }
         Ok(outcome)
     }
@@ -200,62 +200,72 @@ impl<S: Store> Engine<S> {
         meta: &Meta<'_>,
         out: &mut BytesMut,
         view: View,
-    ) -> Result<Outcome, crate::store::StoreError> {
+    ) -> Result<Outcome, StoreError> {
         let key = &meta.key[..];
         let flags = &meta.flags;
-        let incr = flags.mode != Some(MetaMode::Decr);
-        let expires_at = flags.ttl.map(|ttl| expiry(ttl, view.now));
+        let op = Op::Arith {
+            incr: flags.mode != Some(MetaMode::Decr),
+            delta: flags.delta,
+            cas: flags.cas,
+            expires_at: flags.ttl.map(|ttl| expiry(ttl, view.now)),
+        };
         // Twice at most: a vivify that loses to another creator increments theirs.
         for _ in 0..2 {
-            let arith = self
-                .arith_inner(incr, key, flags.delta, flags.cas, expires_at, view)
-                .await?;
-            let (item, number, quiet) = match arith {
-                Arith::Written(item, n) => (item, n, flags.quiet),
-                Arith::Mismatch => {
-                    self.meta_reply(out, meta, MetaCode::Ex, KEY_OPAQUE, None, b"", false);
+            let (item, number, quiet) = match self.write(key, op, view).await? {
+                Done::Written(item) => {
+                    let n = super::write::parse_counter(&item.value).expect("written as a number");
+                    (item, n, flags.quiet)
+                }
+                Done::Refused(Refusal::Exists, _) => {
+                    meta_reply(out, meta, MetaCode::Ex, KEY_OPAQUE, None, b"", false);
                     return Ok(Outcome::NotStored);
                 }
-                Arith::Refused(reply) => {
-                    reply.encode(out);
+                Done::Refused(Refusal::NotANumber, _) => {
+                    Reply::ClientError("cannot increment or decrement non-numeric value")
+                        .encode(out);
                     return Ok(Outcome::ClientError);
                 }
-                Arith::Missing => {
+                Done::Refused(..) => {
                     let Some(ttl) = flags.vivify else {
-                        self.meta_reply(out, meta, MetaCode::Nf, KEY_OPAQUE, None, b"", false);
+                        meta_reply(out, meta, MetaCode::Nf, KEY_OPAQUE, None, b"", false);
                         return Ok(Outcome::NotFound);
                     };
                     // As for mg, `T` wins over `N` for the new item's TTL.
-                    let ttl = flags.ttl.unwrap_or(ttl);
                     let initial = flags.initial.to_string();
-                    match self
-                        .store_inner(StoreMode::Add, None, key, 0, ttl, initial.as_bytes(), view)
-                        .await?
-                    {
+                    let create = Op::Store {
+                        mode: StoreMode::Add,
+                        flags: 0,
+                        expires_at: expiry(flags.ttl.unwrap_or(ttl), view.now),
+                        data: initial.as_bytes(),
+                        cas: None,
+                    };
+                    match self.write(key, create, view).await? {
                         // memcached answers a vivified counter even under `q`.
-                        StoreResult::Stored(item) => (item, flags.initial, false),
-                        _ => continue,
+                        Done::Written(item) => (item, flags.initial, false),
+                        Done::Refused(..) => continue,
                     }
                 }
             };
             if !quiet {
-                let meta_item = MetaItem {
-                    cas: item.version,
-                    flags: item.flags,
-                    size: item.value.len(),
-                    ttl: ttl_left(item.expires_at, view.now),
-                };
                 let mut text = itoa::Buffer::new();
                 let (code, data) = if flags.value {
                     (MetaCode::Va, text.format(number).as_bytes())
                 } else {
                     (MetaCode::Hd, &b""[..])
                 };
-                self.meta_reply(out, meta, code, MA_HIT, Some(meta_item), data, false);
+                meta_reply(
+                    out,
+                    meta,
+                    code,
+                    MA_HIT,
+                    Some(meta_item(&item, view)),
+                    data,
+                    false,
+                );
             }
             return Ok(Outcome::Ok);
         }
-        Err(crate::store::StoreError::Contention)
+        Err(StoreError::Contention)
     }
 
     /// `me <key>`: what dynacache knows of the item (see the README).
@@ -264,52 +274,53 @@ impl<S: Store> Engine<S> {
         meta: &Meta<'_>,
         out: &mut BytesMut,
         view: View,
-    ) -> Result<Outcome, crate::store::StoreError> {
+    ) -> Result<Outcome, StoreError> {
         let key = &meta.key[..];
-        let Some(value) = self.lookup(key, view).await? else {
-            Reply::Line("EN").encode(out);
+        let Some(item) = self.lookup(key, view).await? else {
+            Reply::MetaMiss.encode(out);
             return Ok(Outcome::Miss);
         };
-        let mut num = itoa::Buffer::new();
-        out.extend_from_slice(b"ME ");
         // A binary key is shown as sent (base64), as memcached shows keys stored with `b`.
         let printable = key.iter().all(|&b| b.is_ascii_graphic());
-        out.extend_from_slice(if printable { key } else { meta.key_token });
-        out.extend_from_slice(b" exp=");
-        out.extend_from_slice(
-            num.format(ttl_left(value.expires_at(), view.now))
-                .as_bytes(),
-        );
-        out.extend_from_slice(b" cas=");
-        out.extend_from_slice(num.format(value.version()).as_bytes());
-        out.extend_from_slice(b" size=");
-        out.extend_from_slice(num.format(key.len() + value.bytes().len()).as_bytes());
-        out.extend_from_slice(b"\r\n");
-        Ok(Outcome::Hit)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn meta_reply(
-        &self,
-        out: &mut BytesMut,
-        meta: &Meta<'_>,
-        code: MetaCode,
-        answers: &'static [u8],
-        item: Option<MetaItem>,
-        data: &[u8],
-        win: bool,
-    ) {
-        Reply::Meta {
-            code,
-            flags: &meta.flags,
-            answers,
-            key: meta.key_token,
-            item,
-            data,
-            win,
+        Reply::MetaDebug {
+            key: if printable { key } else { meta.key_token },
+            ttl: ttl_left(item.expires_at, view.now),
+            cas: item.version,
+            size: key.len() + item.value.len(),
         }
         .encode(out);
+        Ok(Outcome::Hit)
     }
+}
+
+fn meta_item(item: &Item, view: View) -> MetaItem {
+    MetaItem {
+        cas: item.version,
+        flags: item.flags,
+        size: item.value.len(),
+        ttl: ttl_left(item.expires_at, view.now),
+    }
+}
+
+fn meta_reply(
+    out: &mut BytesMut,
+    meta: &Meta<'_>,
+    code: MetaCode,
+    answers: &'static [u8],
+    item: Option<MetaItem>,
+    data: &[u8],
+    win: bool,
+) {
+    Reply::Meta {
+        code,
+        flags: &meta.flags,
+        answers,
+        key: meta.key_token,
+        item,
+        data,
+        win,
+    }
+    .encode(out);
 }
 
 /// Seconds an item has left, -1 if it never expires (the `t` flag). An item

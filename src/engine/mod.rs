@@ -1,14 +1,13 @@
 //! The engine: runs one [`Command`] against the cache and the store and
 //! encodes its replies. This is where the cached-DB contract lives:
 //!
-//! - writes go to the store first; the cache changes only after the store
-//!   accepted them, and a failed write drops the key from the cache (the
-//!   store's state is then unknown, so the next read must ask it);
+//! - every change goes through one write path (`write.rs`): DynamoDB first,
+//!   conditioned on the version it replaces, then the cache; a failed write
+//!   drops the key from the cache, and one whose outcome is unknown is
+//!   fenced so that it cannot land later;
 //! - a get is served from memory on a hit; a miss reads the store and fills
 //!   the cache; a store error is `SERVER_ERROR`, never a miss;
-//! - an expired or flushed item is never served, from memory or the store;
-//! - commands that read, modify and write (`cas`, `append`, `incr`, ...) are
-//!   conditional writes in the store, atomic across every sidecar.
+//! - an expired or flushed item is never served, from memory or the store.
 //!
 //! Within one process the engine also keeps the cache equal to the store
 //! under concurrency (writes are serialized per key; a read that was in
@@ -17,14 +16,13 @@
 //! in one batch, and re-reads entries older than `max_local_age` so writes
 //! made through other sidecars are seen in time.
 //!
-//! Files: `read.rs` (get, gat), `write.rs` (storage, delete, touch, incr),
-//! `admin.rs` (flush_all, stats, settings), `clock.rs`, `stats.rs`.
+//! Files: `write.rs` (the write path), `read.rs` (get, gat), `meta.rs`
+//! (meta commands), `admin.rs` (flush_all, stats, settings), `clock.rs`.
 
 mod admin;
 mod clock;
 mod meta;
 mod read;
-mod stats;
 mod write;
 
 use std::sync::Arc;
@@ -33,17 +31,17 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use dashmap::DashMap;
+use tokio::sync::Notify;
 
-use crate::cache::{Entry, ItemCache};
-use crate::metrics::{CommandMetrics, Outcome};
+use crate::cache::ItemCache;
+use crate::metrics::{CommandKind, Counters, Event, Outcome};
 use crate::protocol::{Command, Reply, StoreMode};
-use crate::store::{Store, StoreError, StoredItem, View};
+use crate::store::{Item, Store, StoreError, View};
 
 pub use clock::{VersionClock, expiry, unix_micros, unix_now, version_at};
-pub use stats::Stats;
 
 use read::Flight;
-use write::KeyLocks;
+use write::{Done, Doubt, KeyLocks, Op, Refusal};
 
 /// The memcached protocol level dynacache answers `version` with, then its
 /// own version: libmemcached-based clients parse `major.minor.patch` and
@@ -109,16 +107,16 @@ pub struct Engine<S> {
     store: S,
     options: EngineOptions,
     versions: VersionClock,
-    metrics: CommandMetrics,
-    stats: Stats,
+    counters: Counters,
     /// Store reads in flight, by key: later misses of the key wait for them.
     reads: DashMap<Box<[u8]>, Arc<Flight>>,
     writes: KeyLocks,
+    /// Keys whose last write's outcome is unknown (see `write.rs`).
+    doubts: DashMap<Box<[u8]>, Doubt>,
+    doubt_added: Notify,
     /// Items with a version below this are flushed once its time has come
     /// (`flush_all`, here or seen in the store's marker); 0 = none.
     flushed_before: AtomicU64,
-    /// Open client connections.
-    connections: AtomicU64,
     /// The origin of `filled_at_ms` stamps.
     epoch: Instant,
     started: std::time::SystemTime,
@@ -135,12 +133,12 @@ impl<S: Store> Engine<S> {
             store,
             options,
             versions: VersionClock::new(),
-            metrics: CommandMetrics::new(),
-            stats: Stats::default(),
+            counters: Counters::new(),
             reads: DashMap::new(),
             writes: KeyLocks::default(),
+            doubts: DashMap::new(),
+            doubt_added: Notify::new(),
             flushed_before: AtomicU64::new(0),
-            connections: AtomicU64::new(0),
             epoch: Instant::now(),
             started: std::time::SystemTime::now(),
         }
@@ -154,12 +152,9 @@ impl<S: Store> Engine<S> {
         &self.store
     }
 
-    pub fn metrics(&self) -> &CommandMetrics {
-        &self.metrics
-    }
-
-    pub fn stats(&self) -> &Stats {
-        &self.stats
+    /// What this engine counted (for `stats`, `/metrics` and tests).
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     /// Runs `cmd` now (wall clock) and appends its replies to `out`.
@@ -169,7 +164,7 @@ impl<S: Store> Engine<S> {
 
     /// Runs `cmd` as if the time were `now` (Unix seconds).
     pub async fn execute_at(&self, cmd: Command<'_>, out: &mut BytesMut, now: u32) -> Flow {
-        let name = cmd.name();
+        let kind = kind(&cmd);
         let started = Instant::now();
         let view = self.view(now);
         let outcome = match cmd {
@@ -185,20 +180,50 @@ impl<S: Store> Engine<S> {
                 data,
                 noreply,
             } => {
-                let result = self.store_item(mode, key, flags, exptime, data, view).await;
-                finish(out, noreply, result)
+                self.counters.record(Event::CmdSet);
+                let (mode, cas) = match mode {
+                    StoreMode::Cas(unique) => (StoreMode::Set, Some(unique)),
+                    other => (other, None),
+                };
+                let op = Op::Store {
+                    mode,
+                    flags,
+                    expires_at: expiry(exptime, view.now),
+                    data,
+                    cas,
+                };
+                let answer = self.write(key, op, view).await.map(|done| match done {
+                    Done::Written(_) => (Outcome::Stored, Reply::Stored),
+                    Done::Refused(Refusal::Exists, _) => (Outcome::NotStored, Reply::Exists),
+                    Done::Refused(Refusal::NotFound, _) => (Outcome::NotFound, Reply::NotFound),
+                    Done::Refused(..) => (Outcome::NotStored, Reply::NotStored),
+                });
+                finish(out, noreply, answer)
             }
             Command::Delete { key, noreply } => {
-                let result = self.delete(key, view).await;
-                finish(out, noreply, result)
+                let answer = self
+                    .write(key, Op::Delete { cas: None }, view)
+                    .await
+                    .map(|done| match done {
+                        Done::Written(_) => (Outcome::Deleted, Reply::Deleted),
+                        Done::Refused(..) => (Outcome::NotFound, Reply::NotFound),
+                    });
+                finish(out, noreply, answer)
             }
             Command::Touch {
                 key,
                 exptime,
                 noreply,
             } => {
-                let result = self.touch(key, exptime, view).await;
-                finish(out, noreply, result)
+                self.counters.record(Event::CmdTouch);
+                let op = Op::Touch {
+                    expires_at: expiry(exptime, view.now),
+                };
+                let answer = self.write(key, op, view).await.map(|done| match done {
+                    Done::Written(_) => (Outcome::Touched, Reply::Touched),
+                    Done::Refused(..) => (Outcome::NotFound, Reply::NotFound),
+                });
+                finish(out, noreply, answer)
             }
             Command::Arith {
                 incr,
@@ -206,12 +231,25 @@ impl<S: Store> Engine<S> {
                 delta,
                 noreply,
             } => {
-                let result = self.arith(incr, key, delta, view).await;
-                finish(out, noreply, result)
+                let op = Op::Arith {
+                    incr,
+                    delta,
+                    cas: None,
+                    expires_at: None,
+                };
+                let answer = self.write(key, op, view).await.map(|done| match done {
+                    Done::Written(item) => {
+                        let n = write::parse_counter(&item.value).expect("written as a number");
+                        (Outcome::Ok, Reply::Number(n))
+                    }
+                    Done::Refused(Refusal::NotANumber, _) => (Outcome::ClientError, NON_NUMERIC),
+                    Done::Refused(..) => (Outcome::NotFound, Reply::NotFound),
+                });
+                finish(out, noreply, answer)
             }
             Command::FlushAll { delay, noreply } => {
-                let result = self.flush_all(delay, now).await;
-                finish(out, noreply, result)
+                let answer = self.flush_all(delay, now).await;
+                finish(out, noreply, answer)
             }
             Command::Stats(group) => self.stats_reply(group, out),
             Command::Verbosity { noreply } => finish(out, noreply, Ok((Outcome::Ok, Reply::Ok))),
@@ -219,12 +257,12 @@ impl<S: Store> Engine<S> {
                 finish(out, noreply, Ok(self.cache_memlimit(megabytes)))
             }
             Command::Shutdown => {
-                Reply::Line("ERROR: shutdown not enabled").encode(out);
+                Reply::ShutdownRefused.encode(out);
                 Outcome::ClientError
             }
             Command::Meta(meta) => self.meta(meta, out, view).await,
             Command::MetaNoop => {
-                Reply::Line("MN").encode(out);
+                Reply::MetaNoop.encode(out);
                 Outcome::Ok
             }
             Command::Version => {
@@ -232,11 +270,11 @@ impl<S: Store> Engine<S> {
                 Outcome::Ok
             }
             Command::Quit => {
-                self.metrics.command(name, Outcome::Ok);
+                self.counters.counted(kind, Outcome::Ok);
                 return Flow::Close;
             }
         };
-        self.metrics.finished(name, outcome, started);
+        self.counters.finished(kind, outcome, started);
         Flow::Continue
     }
 
@@ -245,36 +283,21 @@ impl<S: Store> Engine<S> {
     /// replace it must not read it back), so the item is deleted from the
     /// store and the cache. Returns the error to answer if that failed.
     pub async fn reject_too_large(&self, mode: StoreMode, key: &[u8]) -> Option<StoreError> {
-        stats::bump(&self.stats.store_too_large);
-        self.metrics.command(mode.name(), Outcome::ServerError);
-        if mode != StoreMode::Set || self.store.check_key(key).is_err() {
+        self.counters.record(Event::StoreTooLarge);
+        self.counters
+            .counted(store_kind(mode), Outcome::ServerError);
+        if mode != StoreMode::Set || self.check_key(key).is_err() {
             return None;
         }
-        self.delete(key, self.view(unix_now())).await.err()
-    }
-
-    /// A client connected (for `stats` and metrics).
-    pub fn connection_opened(&self) {
-        self.connections.fetch_add(1, Ordering::Relaxed);
-        stats::bump(&self.stats.total_connections);
-        self.metrics.connections.increment(1.0);
-        self.metrics.connections_total.increment(1);
-    }
-
-    pub fn connection_closed(&self) {
-        self.connections.fetch_sub(1, Ordering::Relaxed);
-        self.metrics.connections.decrement(1.0);
-    }
-
-    /// Bytes a connection read and wrote (per batch, not per request).
-    pub fn count_io(&self, read: usize, written: usize) {
-        Stats::add(&self.stats.bytes_read, read as u64);
-        Stats::add(&self.stats.bytes_written, written as u64);
+        self.write(key, Op::Delete { cas: None }, self.view(unix_now()))
+            .await
+            .err()
     }
 
     /// Counts a request that did not parse.
     pub fn count_invalid(&self) {
-        self.metrics.command("invalid", Outcome::ClientError);
+        self.counters
+            .counted(CommandKind::Invalid, Outcome::ClientError);
     }
 
     /// What is live for a request at `now`: a flush counts once its time has come.
@@ -289,14 +312,15 @@ impl<S: Store> Engine<S> {
 
     /// Caches what the store just confirmed it holds; an item that is not
     /// live instead removes any cached copy.
-    fn fill(&self, key: &[u8], item: &StoredItem, view: View) {
+    fn fill(&self, key: &[u8], item: &Item, view: View) {
         self.fill_at(key, item, view, self.now_ms());
     }
 
-    fn fill_at(&self, key: &[u8], item: &StoredItem, view: View, now_ms: u64) {
-        if item.is_live(view) {
-            let entry = Entry::new(key, &item.value, item.flags, item.expires_at, item.version);
-            self.cache.insert(entry.filled_at(now_ms));
+    fn fill_at(&self, key: &[u8], item: &Item, view: View, now_ms: u64) {
+        if item.is_live(view) && self.observed(key, Some(item)) {
+            if !self.cache.insert_item(key, item, now_ms) {
+                self.counters.record(Event::StoreNoMemory);
+            }
         } else {
             self.cache.remove(key);
         }
@@ -304,6 +328,66 @@ impl<S: Store> Engine<S> {
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+const NON_NUMERIC: Reply<'static> =
+    Reply::ClientError("cannot increment or decrement non-numeric value");
+
+/// The kind of request `cmd` is, for counting.
+fn kind(cmd: &Command<'_>) -> CommandKind {
+    match cmd {
+        Command::Get {
+            cas: false,
+            touch: None,
+            ..
+        } => CommandKind::Get,
+        Command::Get {
+            cas: true,
+            touch: None,
+            ..
+        } => CommandKind::Gets,
+        Command::Get {
+            cas: false,
+            touch: Some(_),
+            ..
+        } => CommandKind::Gat,
+        Command::Get {
+            cas: true,
+            touch: Some(_),
+            ..
+        } => CommandKind::Gats,
+        Command::Store { mode, .. } => store_kind(*mode),
+        Command::Delete { .. } => CommandKind::Delete,
+        Command::Touch { .. } => CommandKind::Touch,
+        Command::Arith { incr: true, .. } => CommandKind::Incr,
+        Command::Arith { incr: false, .. } => CommandKind::Decr,
+        Command::FlushAll { .. } => CommandKind::FlushAll,
+        Command::Stats(_) => CommandKind::Stats,
+        Command::Verbosity { .. } => CommandKind::Verbosity,
+        Command::CacheMemlimit { .. } => CommandKind::CacheMemlimit,
+        Command::Shutdown => CommandKind::Shutdown,
+        Command::MetaNoop => CommandKind::Mn,
+        Command::Meta(meta) => match meta.cmd {
+            crate::protocol::MetaCmd::Get => CommandKind::Mg,
+            crate::protocol::MetaCmd::Set => CommandKind::Ms,
+            crate::protocol::MetaCmd::Delete => CommandKind::Md,
+            crate::protocol::MetaCmd::Arith => CommandKind::Ma,
+            crate::protocol::MetaCmd::Debug => CommandKind::Me,
+        },
+        Command::Version => CommandKind::Version,
+        Command::Quit => CommandKind::Quit,
+    }
+}
+
+fn store_kind(mode: StoreMode) -> CommandKind {
+    match mode {
+        StoreMode::Set => CommandKind::Set,
+        StoreMode::Add => CommandKind::Add,
+        StoreMode::Replace => CommandKind::Replace,
+        StoreMode::Append => CommandKind::Append,
+        StoreMode::Prepend => CommandKind::Prepend,
+        StoreMode::Cas(_) => CommandKind::Cas,
     }
 }
 

@@ -8,12 +8,12 @@ use bytes::BytesMut;
 use dashmap::DashMap;
 use tokio::sync::watch;
 
-use super::stats::bump;
+use super::write::{Done, Op};
 use super::{Engine, error_reply, expiry, value_reply};
-use crate::cache::{Entry, EntryRef};
-use crate::metrics::Outcome;
+use crate::cache::EntryRef;
+use crate::metrics::{Event, Outcome};
 use crate::protocol::{Keys, Reply};
-use crate::store::{Store, StoreError, StoredItem, View};
+use crate::store::{Item, Store, StoreError, View};
 
 impl<S: Store> Engine<S> {
     pub(super) async fn get(
@@ -38,8 +38,8 @@ impl<S: Store> Engine<S> {
             });
             match served.served() {
                 Ok(()) => {
-                    self.metrics.hits.increment(1);
-                    bump(&self.stats.get_hits);
+                    self.counters.record(Event::CacheHits);
+                    self.counters.record(Event::GetHits);
                 }
                 Err(lookup) => {
                     first_miss = Some((key, lookup));
@@ -84,35 +84,33 @@ impl<S: Store> Engine<S> {
         let mut all_hit = true;
         for (key, lookup) in lookups {
             let item = match (lookup, &fetched) {
-                (Lookup::Fresh(entry), _) => {
-                    self.metrics.hits.increment(1);
-                    Some((entry.flags, Value::Cached(entry)))
+                (Lookup::Fresh(item), _) => {
+                    self.counters.record(Event::CacheHits);
+                    Some(item)
                 }
-                (Lookup::Aged(entry), None) => {
-                    self.metrics.stale_served.increment(1);
-                    Some((entry.flags, Value::Cached(entry)))
+                (Lookup::Aged(item), None) => {
+                    self.counters.record(Event::CacheStaleServed);
+                    Some(item)
                 }
                 (_, Some(fetched)) => {
-                    self.metrics.misses.increment(1);
+                    self.counters.record(Event::CacheMisses);
                     let i = wanted
                         .iter()
                         .position(|k| *k == key)
                         .expect("every miss was fetched");
-                    fetched[i]
-                        .clone()
-                        .map(|item| (item.flags, Value::Stored(item)))
+                    fetched[i].clone()
                 }
                 (Lookup::Absent, None) => {
                     unreachable!("an absent key makes a failed fetch an error")
                 }
             };
             match item {
-                Some((flags, value)) => {
-                    bump(&self.stats.get_hits);
-                    value_reply(out, key, flags, value.bytes(), value.version(), cas);
+                Some(item) => {
+                    self.counters.record(Event::GetHits);
+                    value_reply(out, key, item.flags, &item.value, item.version, cas);
                 }
                 None => {
-                    bump(&self.stats.get_misses);
+                    self.counters.record(Event::GetMisses);
                     all_hit = false;
                 }
             }
@@ -123,7 +121,7 @@ impl<S: Store> Engine<S> {
 
     /// One key through the get path (cache, `max_local_age`, coalesced
     /// store read, stale copy on a failed re-read if allowed): `mg`, `me`.
-    pub(super) async fn lookup(&self, key: &[u8], view: View) -> Result<Option<Value>, StoreError> {
+    pub(super) async fn lookup(&self, key: &[u8], view: View) -> Result<Option<Item>, StoreError> {
         let lookup = self.fresh(key, view, self.now_ms());
         self.finish_lookup(key, view, lookup).await
     }
@@ -134,29 +132,29 @@ impl<S: Store> Engine<S> {
         key: &[u8],
         view: View,
         lookup: Lookup,
-    ) -> Result<Option<Value>, StoreError> {
+    ) -> Result<Option<Item>, StoreError> {
         let found = match lookup {
-            Lookup::Fresh(entry) => {
-                self.metrics.hits.increment(1);
-                Some(Value::Cached(entry))
+            Lookup::Fresh(item) => {
+                self.counters.record(Event::CacheHits);
+                Some(item)
             }
             other => match self.fetch(&[key], view).await {
                 Ok(mut items) => {
-                    self.metrics.misses.increment(1);
-                    items.pop().flatten().map(Value::Stored)
+                    self.counters.record(Event::CacheMisses);
+                    items.pop().flatten()
                 }
                 Err(e) => match other {
-                    Lookup::Aged(entry) if self.options.stale_on_error => {
-                        self.metrics.stale_served.increment(1);
-                        Some(Value::Cached(entry))
+                    Lookup::Aged(item) if self.options.stale_on_error => {
+                        self.counters.record(Event::CacheStaleServed);
+                        Some(item)
                     }
                     _ => return Err(e),
                 },
             },
         };
-        bump(match found {
-            Some(_) => &self.stats.get_hits,
-            None => &self.stats.get_misses,
+        self.counters.record(match found {
+            Some(_) => Event::GetHits,
+            None => Event::GetMisses,
         });
         Ok(found)
     }
@@ -164,13 +162,13 @@ impl<S: Store> Engine<S> {
     /// Refuses a whole retrieval, before answering any of it, if the table
     /// cannot hold one of its keys.
     fn check_keys<'k>(&self, mut keys: impl Iterator<Item = &'k [u8]>) -> Result<(), StoreError> {
-        keys.try_for_each(|key| self.store.check_key(key))
+        keys.try_for_each(|key| self.check_key(key))
     }
 
     /// What the cache can do for `key`: a fresh entry, one past
     /// `max_local_age` (to re-read, kept as a fallback), or nothing.
     fn fresh(&self, key: &[u8], view: View, now_ms: u64) -> Lookup {
-        self.fresh_with(key, view, now_ms, |entry| entry.to_entry())
+        self.fresh_with(key, view, now_ms, |entry| entry.to_item())
     }
 
     /// [`Engine::fresh`], handing a fresh entry to `serve` in place, under
@@ -182,14 +180,14 @@ impl<S: Store> Engine<S> {
         now_ms: u64,
         serve: impl FnOnce(EntryRef<'_>) -> R,
     ) -> Lookup<R> {
-        bump(&self.stats.cmd_get);
+        self.counters.record(Event::CmdGet);
         let max = self.options.max_local_age.as_millis() as u64;
         let found = self.cache.get_with(key, view.now, |entry| {
             if entry.version() < view.flushed_before {
                 // Written before a flush_all that has taken effect.
                 Err(None)
             } else if max > 0 && now_ms.saturating_sub(entry.filled_at_ms()) >= max {
-                Err(Some(entry.to_entry()))
+                Err(Some(entry.to_item()))
             } else {
                 Ok(serve(entry))
             }
@@ -199,11 +197,11 @@ impl<S: Store> Engine<S> {
             Some(Ok(served)) => Lookup::Fresh(served),
             Some(Err(None)) => {
                 self.cache.remove(key);
-                bump(&self.stats.get_flushed);
+                self.counters.record(Event::GetFlushed);
                 Lookup::Absent
             }
             Some(Err(Some(aged))) => {
-                self.metrics.revalidations.increment(1);
+                self.counters.record(Event::CacheRevalidations);
                 Lookup::Aged(aged)
             }
         }
@@ -212,12 +210,8 @@ impl<S: Store> Engine<S> {
     /// Reads `keys` (distinct) from the store, joining reads already in
     /// flight for any of them, and fills the cache with what it read unless
     /// a write to the key completed meanwhile.
-    async fn fetch(
-        &self,
-        keys: &[&[u8]],
-        view: View,
-    ) -> Result<Vec<Option<StoredItem>>, StoreError> {
-        let mut results: Vec<Option<Option<StoredItem>>> = vec![None; keys.len()];
+    async fn fetch(&self, keys: &[&[u8]], view: View) -> Result<Vec<Option<Item>>, StoreError> {
+        let mut results: Vec<Option<Option<Item>>> = vec![None; keys.len()];
         let mut lead = Leader {
             reads: &self.reads,
             keys,
@@ -237,22 +231,27 @@ impl<S: Store> Engine<S> {
         if !lead.flights.is_empty() {
             let lead_keys: Vec<&[u8]> = lead.flights.iter().map(|(i, _)| keys[*i]).collect();
             let read = match lead_keys.as_slice() {
-                [one] => self.store.get(one, view).await.map(|item| vec![item]),
-                many => self.store.get_many(many, view).await,
+                [one] => self.store.get(one).await.map(|item| vec![item]),
+                many => self.store.get_many(many).await,
             };
             let now_ms = self.now_ms();
             match &read {
                 Ok(items) => {
-                    for ((i, flight), item) in lead.flights.iter().zip(items) {
+                    for ((i, flight), found) in lead.flights.iter().zip(items) {
                         // Fill only if no write took the flight out of the map.
                         let key = keys[*i];
                         self.reads.remove_if(key, |_, f| {
                             let ours = Arc::ptr_eq(f, flight);
-                            if ours && let Some(item) = item {
+                            if ours
+                                && self.observed(key, found.as_ref())
+                                && let Some(item) = found
+                                && item.is_live(view)
+                            {
                                 self.fill_at(key, item, view, now_ms);
                             }
                             ours
                         });
+                        let item = found.clone().filter(|item| item.is_live(view));
                         let _ = flight.result.send(Some(Ok(item.clone())));
                         results[*i] = Some(item.clone());
                     }
@@ -267,7 +266,7 @@ impl<S: Store> Engine<S> {
             read?;
         }
         for (i, mut rx) in follow {
-            self.metrics.coalesced.increment(1);
+            self.counters.record(Event::CacheCoalesced);
             let shared = rx
                 .wait_for(Option::is_some)
                 .await
@@ -276,7 +275,11 @@ impl<S: Store> Engine<S> {
             results[i] = Some(match shared {
                 Some(result) => result?,
                 // The leader went away without an answer: read it ourselves.
-                None => self.store.get(keys[i], view).await?,
+                None => self
+                    .store
+                    .get(keys[i])
+                    .await?
+                    .filter(|item| item.is_live(view)),
             });
         }
         Ok(results
@@ -285,8 +288,10 @@ impl<S: Store> Engine<S> {
             .collect())
     }
 
-    /// `gat`/`gats`: each key's expiry is updated in the store (a write, so
-    /// other sidecars agree), and the items found are answered.
+    /// `gat`/`gats`: each key's expiry is updated in the store (a write
+    /// through the write path, so other sidecars agree), and the items found
+    /// are answered: even one the new exptime has already expired (`gat -1`),
+    /// which is then gone, as in memcached.
     pub(super) async fn get_and_touch(
         &self,
         keys: Keys<'_>,
@@ -300,21 +305,19 @@ impl<S: Store> Engine<S> {
         }
         let start = out.len();
         let mut all_hit = true;
+        let op = Op::Touch {
+            expires_at: expiry(exptime, view.now),
+        };
         for key in keys.iter() {
-            bump(&self.stats.cmd_touch);
-            bump(&self.stats.cmd_get);
-            match self.touch_item(key, expiry(exptime, view.now), view).await {
-                Ok(Some(item)) => {
-                    bump(&self.stats.touch_hits);
-                    bump(&self.stats.get_hits);
-                    // The item was live when touched: it is answered even if
-                    // the new exptime has already passed (`gat -1`), and only
-                    // then is it gone, as in memcached.
+            self.counters.record(Event::CmdTouch);
+            self.counters.record(Event::CmdGet);
+            match self.write(key, op, view).await {
+                Ok(Done::Written(item)) => {
+                    self.counters.record(Event::GetHits);
                     value_reply(out, key, item.flags, &item.value, item.version, cas);
                 }
-                Ok(None) => {
-                    bump(&self.stats.touch_misses);
-                    bump(&self.stats.get_misses);
+                Ok(Done::Refused(..)) => {
+                    self.counters.record(Event::GetMisses);
                     all_hit = false;
                 }
                 Err(e) => {
@@ -330,10 +333,10 @@ impl<S: Store> Engine<S> {
 
 /// What the cache holds for a key, as the get path sees it.
 /// `T`: what was made of a fresh entry (a copy, or a reply already encoded).
-pub(super) enum Lookup<T = Entry> {
+pub(super) enum Lookup<T = Item> {
     Fresh(T),
     /// Older than `max_local_age`: re-read it, but keep it in case the store fails.
-    Aged(Entry),
+    Aged(Item),
     Absent,
 }
 
@@ -342,49 +345,13 @@ impl<T> Lookup<T> {
     pub(super) fn served(self) -> Result<T, Lookup> {
         match self {
             Lookup::Fresh(served) => Ok(served),
-            Lookup::Aged(entry) => Err(Lookup::Aged(entry)),
+            Lookup::Aged(item) => Err(Lookup::Aged(item)),
             Lookup::Absent => Err(Lookup::Absent),
         }
     }
 }
 
-/// A value to answer with, from the cache or just read from the store.
-pub(super) enum Value {
-    Cached(Entry),
-    Stored(StoredItem),
-}
-
-impl Value {
-    pub(super) fn flags(&self) -> u32 {
-        match self {
-            Value::Cached(e) => e.flags,
-            Value::Stored(i) => i.flags,
-        }
-    }
-
-    pub(super) fn expires_at(&self) -> u32 {
-        match self {
-            Value::Cached(e) => e.expires_at,
-            Value::Stored(i) => i.expires_at,
-        }
-    }
-
-    pub(super) fn bytes(&self) -> &[u8] {
-        match self {
-            Value::Cached(e) => e.value(),
-            Value::Stored(i) => &i.value,
-        }
-    }
-
-    pub(super) fn version(&self) -> u64 {
-        match self {
-            Value::Cached(e) => e.version,
-            Value::Stored(i) => i.version,
-        }
-    }
-}
-
-type ReadResult = Result<Option<StoredItem>, StoreError>;
+type ReadResult = Result<Option<Item>, StoreError>;
 
 /// One store read in flight; requests missing the same key wait for its result.
 pub(super) struct Flight {

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::protocol::{Limits, Parsed, parse};
-use crate::store::{MemoryStore, StoredItem};
+use crate::store::{Item, MemoryStore};
 
 const NOW: u32 = 1_800_000_000;
 
@@ -48,7 +48,7 @@ async fn set_writes_store_then_cache() {
     );
     let cached = e.cache().get(b"k", NOW).unwrap();
     assert_eq!(
-        (cached.value(), cached.version),
+        (cached.value.as_slice(), cached.version),
         (&b"hi"[..], stored.version)
     );
     // The hit is served from memory: no store call.
@@ -99,7 +99,7 @@ async fn store_error_on_miss_is_server_error_not_a_miss() {
 #[tokio::test]
 async fn miss_fills_from_store() {
     let e = engine();
-    let item = StoredItem {
+    let item = Item {
         value: b"from db".to_vec(),
         flags: 1,
         expires_at: 0,
@@ -117,7 +117,7 @@ async fn miss_fills_from_store() {
 async fn expired_items_are_never_served() {
     let e = engine();
     // Expired in the store but not yet deleted (TTL is lazy).
-    let item = StoredItem {
+    let item = Item {
         value: b"stale".to_vec(),
         flags: 0,
         expires_at: NOW - 1,
@@ -158,7 +158,11 @@ async fn delete_and_touch_() {
     assert_eq!(e.cache().get(b"k", NOW).unwrap().expires_at, NOW + 100);
     assert_eq!(run(&e, b"touch nope 1\r\n", NOW).await, "NOT_FOUND\r\n");
     assert_eq!(run(&e, b"delete k\r\n", NOW).await, "DELETED\r\n");
-    assert!(e.cache().get(b"k", NOW).is_none() && e.store().raw(b"k").is_none());
+    assert!(e.cache().get(b"k", NOW).is_none());
+    // What a delete leaves in the table: a tombstone no reader takes for an
+    // item, whose version a late write conditioned on an older one fails on.
+    let tombstone = e.store().raw(b"k").unwrap();
+    assert!(!tombstone.is_live(View::at(NOW)) && tombstone.value.is_empty());
     assert_eq!(run(&e, b"delete k\r\n", NOW).await, "NOT_FOUND\r\n");
 }
 
@@ -242,7 +246,7 @@ async fn cas_tells_exists_from_not_found() {
         run(&e, b"gets k\r\n", NOW).await,
         format!("VALUE k 0 1 {after}\r\ny\r\nEND\r\n")
     );
-    let snapshot: std::collections::HashMap<_, _> = e.stats().snapshot().into_iter().collect();
+    let snapshot: std::collections::HashMap<_, _> = e.counters().stats().into_iter().collect();
     assert_eq!(
         (
             snapshot["cas_hits"],
@@ -384,10 +388,17 @@ async fn gat_touches_and_returns() {
         "VALUE k 1 1\r\nx\r\nEND\r\n"
     );
     assert_eq!(e.store().raw(b"k").unwrap().expires_at, NOW + 100);
+    // A touch is a write: the item gets a new cas unique (see the README).
+    let touched = e.store().raw(b"k").unwrap().version;
+    assert!(touched > unique);
     assert_eq!(
         run(&e, b"gats 0 k\r\n", NOW).await,
-        format!("VALUE k 1 1 {unique}\r\nx\r\nEND\r\n")
+        format!(
+            "VALUE k 1 1 {}\r\nx\r\nEND\r\n",
+            e.store().raw(b"k").unwrap().version
+        )
     );
+    assert!(e.store().raw(b"k").unwrap().version > touched);
     assert_eq!(e.store().raw(b"k").unwrap().expires_at, 0);
     assert_eq!(run(&e, b"gat 100\r\n", NOW).await, "END\r\n");
 }

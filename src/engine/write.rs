@@ -1,443 +1,495 @@
-//! The write path: every command that changes an item. Each one is a single
-//! conditional write in the store, so racing sidecars agree: `add`,
-//! `replace` and `cas` are conditional puts; `append`, `prepend`, `incr` and
-//! `decr` read, compute, and put conditioned on the version they read,
-//! retrying from the item the failed condition returned.
+//! The write path: every command that changes an item goes through
+//! [`Engine::write`], and only there do the store and the cache change.
+//!
+//! One write, in order:
+//! 1. the key is checked and locked (writes to one key from this process
+//!    reach the store and the cache one at a time);
+//! 2. the change is decided on what the key holds ([`decide`]): the cached
+//!    copy as a first guess, or what DynamoDB answered;
+//! 3. it is written **only if the key still holds exactly that** (its
+//!    version, or nothing): a guess that was wrong costs a round trip that
+//!    returns the real item, and the change is decided again; a refusal
+//!    (`NOT_STORED`, `EXISTS`, ...) is only ever decided on what DynamoDB
+//!    returned, never on the cache;
+//! 4. reads of the key in flight are ended (they may have read the older
+//!    item), then the cache gets exactly what DynamoDB now holds, or loses
+//!    the key.
+//!
+//! Because every write is conditioned on the version it replaces, and
+//! versions never repeat, a write that was answered (even `SERVER_ERROR`
+//! after a timeout) and lands later finds a newer version and fails: it can
+//! never overwrite a write that began after it was answered. A write whose
+//! outcome is unknown leaves the key *in doubt*: it is dropped from memory,
+//! reads do not fill it, and [`Engine::settle_doubts`] fences it (moves the
+//! key's version on, conditioned on the version the lost write expects, so
+//! that write can never land) or finds that it landed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use dashmap::DashMap;
 
-use super::stats::bump;
-use super::{Answer, Engine, expiry};
-use crate::metrics::Outcome;
-use crate::protocol::{Reply, StoreMode};
-use crate::store::{PutCondition, PutResult, Store, StoreError, StoredItem, View};
+use super::Engine;
+use crate::metrics::Event;
+use crate::protocol::StoreMode;
+use crate::store::{Change, Expect, Item, RESERVED_PREFIX, Store, StoreError, View, Written};
 
-/// Attempts of a read-modify-write before giving up on a hot key.
-const RMW_ATTEMPTS: usize = 64;
+/// Attempts of one write before giving up on a hot key.
+const WRITE_ATTEMPTS: usize = 64;
 
-const NON_NUMERIC: Reply<'static> =
-    Reply::ClientError("cannot increment or decrement non-numeric value");
-
-/// How a read-modify-write ended.
-enum Modified {
-    /// The key held no live item.
-    Missing,
-    /// The new item is stored.
-    Written(StoredItem),
-    /// The change was refused with this reply (e.g. a non-numeric incr).
-    Refused(Reply<'static>),
-    /// The live item is not the version asked for; this is what it is.
-    Mismatch(StoredItem),
-}
-
-/// How a storage command ended.
-pub(super) enum StoreResult {
-    Stored(StoredItem),
-    /// A condition of `add`, `replace`, `append` or `prepend` failed.
-    NotStored,
-    /// The cas unique did not match.
-    Exists,
-    /// A `cas` found no item.
-    NotFound,
-}
-
-/// How an `incr`/`decr` ended.
-pub(super) enum Arith {
-    /// Stored, with the new number.
-    Written(StoredItem, u64),
-    Missing,
-    /// The cas unique did not match.
-    Mismatch,
-    Refused(Reply<'static>),
-}
-
-impl<S: Store> Engine<S> {
-    pub(super) async fn store_item(
-        &self,
+/// A change to one key, as commands ask for it.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Op<'a> {
+    /// `set`, `add`, `replace`, `append`, `prepend`, `cas` and `ms`: with
+    /// `cas`, only to that version of a live item.
+    Store {
         mode: StoreMode,
-        key: &[u8],
         flags: u32,
-        exptime: i32,
-        data: &[u8],
-        view: View,
-    ) -> Answer {
-        let stored = self
-            .store_inner(mode, None, key, flags, exptime, data, view)
-            .await?;
-        Ok(match stored {
-            StoreResult::Stored(_) => (Outcome::Stored, Reply::Stored),
-            StoreResult::NotStored => (Outcome::NotStored, Reply::NotStored),
-            StoreResult::Exists => (Outcome::NotStored, Reply::Exists),
-            StoreResult::NotFound => (Outcome::NotFound, Reply::NotFound),
-        })
-    }
-
-    /// A storage command, for the classic commands and `ms`. `cas` asks
-    /// `append`/`prepend` to apply only to that version (`ms MA C<cas>`).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn store_inner(
-        &self,
-        mode: StoreMode,
+        expires_at: u32,
+        data: &'a [u8],
         cas: Option<u64>,
-        key: &[u8],
-        flags: u32,
-        exptime: i32,
-        data: &[u8],
-        view: View,
-    ) -> Result<StoreResult, StoreError> {
-        self.store.check_key(key)?;
-        bump(&self.stats.cmd_set);
-        let _lock = self.writes.lock(key).await;
-        if let StoreMode::Append | StoreMode::Prepend = mode {
-            let modified = self
-                .append(mode == StoreMode::Append, key, data, cas, view)
-                .await;
-            self.reads.remove(key);
-            return match modified {
-                Ok(Modified::Written(item)) => Ok(self.stored(key, item, view)),
-                Ok(Modified::Mismatch(current)) => {
-                    self.fill(key, &current, view);
-                    Ok(StoreResult::Exists)
-                }
-                Ok(_) => {
-                    self.cache.remove(key);
-                    Ok(StoreResult::NotStored)
-                }
-                Err(e) => {
-                    self.cache.remove(key);
-                    Err(e)
-                }
-            };
-        }
-        let item = StoredItem {
-            value: data.to_vec(),
-            flags,
-            expires_at: expiry(exptime, view.now),
-            version: self.versions.next_after(view.flushed_before),
-        };
-        let condition = match mode {
-            StoreMode::Add => PutCondition::Absent,
-            StoreMode::Replace => PutCondition::Live,
-            StoreMode::Cas(unique) => PutCondition::Version(unique),
-            _ => PutCondition::Always,
-        };
-        let result = self.store.put(key, &item, condition, view).await;
-        self.reads.remove(key);
-        let result = match result {
-            Ok(result) => result,
-            Err(e) => {
-                self.cache.remove(key);
-                return Err(e);
-            }
-        };
-        Ok(match (result, mode) {
-            (PutResult::Stored, StoreMode::Cas(_)) => {
-                bump(&self.stats.cas_hits);
-                self.stored(key, item, view)
-            }
-            (PutResult::Stored, _) => self.stored(key, item, view),
-            (
-                PutResult::Failed {
-                    current: Some(current),
-                },
-                StoreMode::Cas(_),
-            ) => {
-                bump(&self.stats.cas_badval);
-                // The store told us what it holds: a client retrying its
-                // `gets` here now sees that version.
-                self.fill(key, &current, view);
-                StoreResult::Exists
-            }
-            (PutResult::Failed { current: None }, StoreMode::Cas(_)) => {
-                bump(&self.stats.cas_misses);
-                self.cache.remove(key);
-                StoreResult::NotFound
-            }
-            (PutResult::Failed { current }, _) => {
-                // The store told us what it holds: cache exactly that.
-                match current {
-                    Some(current) => self.fill(key, &current, view),
-                    None => {
-                        self.cache.remove(key);
-                    }
-                }
-                StoreResult::NotStored
-            }
-        })
-    }
-
-    fn stored(&self, key: &[u8], item: StoredItem, view: View) -> StoreResult {
-        bump(&self.stats.total_items);
-        self.fill(key, &item, view);
-        StoreResult::Stored(item)
-    }
-
-    /// `append`/`prepend`: the live item's value with `data` added; flags
-    /// and expiry stay as they are.
-    async fn append(
-        &self,
-        append: bool,
-        key: &[u8],
-        data: &[u8],
-        cas: Option<u64>,
-        view: View,
-    ) -> Result<Modified, StoreError> {
-        self.modify(key, view, cas, None, |item| {
-            let (first, second) = if append {
-                (&item.value[..], data)
-            } else {
-                (data, &item.value[..])
-            };
-            Ok([first, second].concat())
-        })
-        .await
-    }
-
-    /// `incr`/`decr` with memcached's arithmetic: unsigned 64-bit, incr
-    /// wraps, decr stops at 0; a shorter result is padded with spaces to the
-    /// old length, as memcached rewrites the value in place.
-    pub(super) async fn arith(&self, incr: bool, key: &[u8], delta: u64, view: View) -> Answer {
-        match self.arith_inner(incr, key, delta, None, None, view).await? {
-            Arith::Written(_, n) => Ok((Outcome::Ok, Reply::Number(n))),
-            Arith::Missing | Arith::Mismatch => Ok((Outcome::NotFound, Reply::NotFound)),
-            Arith::Refused(reply) => Ok((Outcome::ClientError, reply)),
-        }
-    }
-
-    /// `incr`/`decr` (and `ma`): `cas` applies it only to that version,
-    /// `expires_at` also sets the item's expiry.
-    pub(super) async fn arith_inner(
-        &self,
+    },
+    /// `incr`/`decr` and `ma`: memcached's unsigned 64-bit arithmetic; with
+    /// `expires_at`, the expiry changes too.
+    Arith {
         incr: bool,
-        key: &[u8],
         delta: u64,
         cas: Option<u64>,
         expires_at: Option<u32>,
-        view: View,
-    ) -> Result<Arith, StoreError> {
-        self.store.check_key(key)?;
-        let _lock = self.writes.lock(key).await;
-        let modified = self
-            .modify(key, view, cas, expires_at, |item| {
-                let Some(old) = parse_counter(&item.value) else {
-                    return Err(NON_NUMERIC);
-                };
-                let new = if incr {
-                    old.wrapping_add(delta)
-                } else {
-                    old.saturating_sub(delta)
-                };
-                let mut value = new.to_string().into_bytes();
-                if value.len() < item.value.len() {
-                    value.resize(item.value.len(), b' ');
-                }
-                Ok(value)
-            })
-            .await;
-        self.reads.remove(key);
-        let (hits, misses) = if incr {
-            (&self.stats.incr_hits, &self.stats.incr_misses)
-        } else {
-            (&self.stats.decr_hits, &self.stats.decr_misses)
-        };
-        match modified {
-            Ok(Modified::Written(item)) => {
-                bump(hits);
-                self.fill(key, &item, view);
-                let n = parse_counter(&item.value).expect("just written as a number");
-                Ok(Arith::Written(item, n))
-            }
-            Ok(Modified::Missing) => {
-                bump(misses);
-                self.cache.remove(key);
-                Ok(Arith::Missing)
-            }
-            Ok(Modified::Mismatch(current)) => {
-                self.fill(key, &current, view);
-                Ok(Arith::Mismatch)
-            }
-            Ok(Modified::Refused(reply)) => Ok(Arith::Refused(reply)),
-            Err(e) => {
-                self.cache.remove(key);
-                Err(e)
-            }
+    },
+    /// `touch`, `gat`, `mg T`: a new expiry for a live item.
+    Touch { expires_at: u32 },
+    /// `delete`, `md`: leaves a tombstone (see [`Item::tombstone`]).
+    Delete { cas: Option<u64> },
+    /// `flush_all`: the marker item records the time from which older items
+    /// are hidden; only ever moves forward.
+    Flush { before: u64 },
+}
+
+/// Why a write was not made, decided on what DynamoDB holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// `add` on a live item; `replace`/`append`/`prepend` without one.
+    NotStored,
+    /// The live item is not the version asked for.
+    Exists,
+    /// No live item (`cas`, `incr`, `touch`, `delete`).
+    NotFound,
+    /// `incr`/`decr` of a value that is not a number.
+    NotANumber,
+    /// A `flush_all` older than the one already recorded.
+    AlreadyFlushed,
+}
+
+/// How a write ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Done {
+    /// DynamoDB holds this item now.
+    Written(Item),
+    /// Nothing was written; DynamoDB holds this (as it is).
+    Refused(Refusal, Option<Item>),
+}
+
+/// What a write saw of the key before writing.
+struct Prior {
+    item: Option<Item>,
+    /// Whether `item` came from DynamoDB (else it is the cache's guess).
+    known: bool,
+}
+
+/// A key whose last write's outcome is unknown: that write expects
+/// `expected` and would leave version `ours`.
+#[derive(Debug, Clone)]
+pub(super) struct Doubt {
+    expected: Expect,
+    /// The item the lost write replaces, for the fence.
+    prior: Option<Item>,
+    ours: u64,
+}
+
+impl Doubt {
+    /// Whether the lost write can still land on a key holding `item`.
+    fn still_possible(&self, item: Option<&Item>) -> bool {
+        match (self.expected, item) {
+            (Expect::Missing, None) => true,
+            (Expect::Version { version, .. }, Some(item)) => item.version == version,
+            _ => false,
         }
     }
+}
 
-    /// Read-modify-write of `key`'s value, atomic in the store: the new
-    /// value is put only if the item still has the version it was computed
-    /// from; otherwise the put's answer (the current item) is the next
-    /// attempt's input. Starts from the cached copy when there is one (a
-    /// stale copy just costs one failed put), else from a consistent read.
-    /// With `expect`, only that version is changed (a cached copy of another
-    /// version is checked against the store first); with `expires_at`, the
-    /// expiry changes too.
-    async fn modify(
+impl<S: Store> Engine<S> {
+    /// The one write path (see the module's documentation).
+    pub(super) async fn write(
         &self,
         key: &[u8],
+        op: Op<'_>,
         view: View,
-        expect: Option<u64>,
-        expires_at: Option<u32>,
-        change: impl Fn(&StoredItem) -> Result<Vec<u8>, Reply<'static>>,
-    ) -> Result<Modified, StoreError> {
-        let mut from_cache = true;
-        let mut current = match self.cache.get(key, view.now) {
-            Some(entry) if entry.version >= view.flushed_before => Some(StoredItem {
-                value: entry.value().to_vec(),
-                flags: entry.flags,
-                expires_at: entry.expires_at,
-                version: entry.version,
-            }),
-            _ => {
-                from_cache = false;
-                self.store.get(key, view).await?
+    ) -> Result<Done, StoreError> {
+        // The flush marker is the one reserved key written here.
+        if !matches!(op, Op::Flush { .. }) {
+            self.check_key(key)?;
+        }
+        let _lock = self.writes.lock(key).await;
+        let result = self.write_locked(key, op, view).await;
+        // Whatever a read in flight got is older than this write's outcome.
+        self.reads.remove(key);
+        match &result {
+            Ok(Done::Written(item)) => {
+                // A write that landed moved the version on: no earlier lost
+                // write can land any more.
+                self.doubts.remove(key);
+                match op {
+                    Op::Flush { before } => self.apply_flush(before),
+                    _ => self.fill(key, item, view),
+                }
             }
+            Ok(Done::Refused(_, current)) => {
+                self.observed(key, current.as_ref());
+                match current {
+                    Some(current) if !matches!(op, Op::Flush { .. }) => {
+                        self.fill(key, current, view)
+                    }
+                    _ => {
+                        self.cache.remove(key);
+                    }
+                }
+            }
+            Err(_) => {
+                self.cache.remove(key);
+            }
+        }
+        self.count_write(op, &result);
+        result
+    }
+
+    /// Checks that the table can hold `key` and that it is not one of
+    /// dynacache's own (a base64 meta key can name any bytes).
+    pub(super) fn check_key(&self, key: &[u8]) -> Result<(), StoreError> {
+        if key.starts_with(RESERVED_PREFIX) {
+            return Err(StoreError::InvalidKey("key is reserved by dynacache"));
+        }
+        self.store.check_key(key)
+    }
+
+    async fn write_locked(&self, key: &[u8], op: Op<'_>, view: View) -> Result<Done, StoreError> {
+        let mut prior = match op {
+            Op::Flush { .. } => Prior {
+                item: None,
+                known: false,
+            },
+            // Any cached copy, however old: it is only a guess.
+            _ => Prior {
+                item: self.cache.get(key, view.now),
+                known: false,
+            },
         };
-        for _ in 0..RMW_ATTEMPTS {
-            let Some(item) = current else {
-                return Ok(Modified::Missing);
-            };
-            if let Some(expect) = expect
-                && item.version != expect
-            {
-                if from_cache {
-                    from_cache = false;
-                    current = self.store.get(key, view).await?;
+        for _ in 0..WRITE_ATTEMPTS {
+            let floor = prior
+                .item
+                .as_ref()
+                .map_or(0, |i| i.version)
+                .max(view.flushed_before);
+            let version = self.versions.next_after(floor);
+            let (change, new) = match decide(op, prior.item.as_ref(), view, version) {
+                Ok(decided) => decided,
+                Err(_) if !prior.known => {
+                    // Refuse only on what DynamoDB says.
+                    prior = Prior {
+                        item: self.store.get(key).await?,
+                        known: true,
+                    };
                     continue;
                 }
-                return Ok(Modified::Mismatch(item));
-            }
-            let value = match change(&item) {
-                Ok(value) => value,
-                Err(reply) => return Ok(Modified::Refused(reply)),
+                Err(refusal) => return Ok(Done::Refused(refusal, prior.item)),
             };
-            let new = StoredItem {
-                value,
-                flags: item.flags,
-                expires_at: expires_at.unwrap_or(item.expires_at),
-                version: self
-                    .versions
-                    .next_after(item.version.max(view.flushed_before)),
-            };
+            let expect = Expect::of(prior.item.as_ref(), view);
             match self
                 .store
-                .put(key, &new, PutCondition::Version(item.version), view)
-                .await?
+                .write(key, change_of(&change, &new), expect, view)
+                .await
             {
-                PutResult::Stored => return Ok(Modified::Written(new)),
-                PutResult::Failed { current: now } => {
-                    from_cache = false;
-                    current = now;
+                Ok(Written::Done) => return Ok(Done::Written(new)),
+                // An earlier attempt of this very write (the SDK retried it
+                // after a lost answer) landed.
+                Ok(Written::Conflict(Some(current))) if current.version == new.version => {
+                    return Ok(Done::Written(new));
+                }
+                Ok(Written::Conflict(current)) => {
+                    prior = Prior {
+                        item: current,
+                        known: true,
+                    };
+                }
+                Err(e) => {
+                    if e.outcome_unknown() {
+                        self.doubt(
+                            key,
+                            Doubt {
+                                expected: expect,
+                                prior: prior.item,
+                                ours: new.version,
+                            },
+                        );
+                    }
+                    return Err(e);
                 }
             }
         }
         Err(StoreError::Contention)
     }
 
-    pub(super) async fn delete(&self, key: &[u8], view: View) -> Answer {
-        self.store.check_key(key)?;
-        let _lock = self.writes.lock(key).await;
-        let result = self.store.delete(key, view).await;
-        self.reads.remove(key);
+    /// Records that `key`'s last write may still land.
+    fn doubt(&self, key: &[u8], doubt: Doubt) {
+        self.doubts.insert(Box::from(key), doubt);
         self.cache.remove(key);
-        match result? {
-            true => {
-                bump(&self.stats.delete_hits);
-                Ok((Outcome::Deleted, Reply::Deleted))
-            }
-            false => {
-                bump(&self.stats.delete_misses);
-                Ok((Outcome::NotFound, Reply::NotFound))
+        self.doubt_added.notify_one();
+    }
+
+    /// DynamoDB was seen holding `item` for `key`: a doubt that cannot come
+    /// true any more is settled. Returns whether the key may be cached.
+    pub(super) fn observed(&self, key: &[u8], item: Option<&Item>) -> bool {
+        match self.doubts.get(key) {
+            None => true,
+            Some(doubt) if doubt.still_possible(item) => false,
+            Some(doubt) => {
+                let settled = doubt.ours;
+                drop(doubt);
+                self.doubts.remove_if(key, |_, d| d.ours == settled);
+                true
             }
         }
     }
 
-    /// `md <key> C<cas>`: deletes the item only if it has that version. The
-    /// store has no conditional delete, so the item is overwritten, under
-    /// the version condition, by an empty one that expires now: no reader
-    /// sees it again, and the table's TTL removes it.
-    pub(super) async fn delete_version(
-        &self,
-        key: &[u8],
-        version: u64,
-        view: View,
-    ) -> Result<StoreResult, StoreError> {
-        self.store.check_key(key)?;
-        let _lock = self.writes.lock(key).await;
-        let tombstone = StoredItem {
-            value: Vec::new(),
-            flags: 0,
-            expires_at: view.now.max(1),
-            version: self.versions.next_after(version.max(view.flushed_before)),
+    /// Whether a key has a write whose outcome is unknown.
+    pub fn in_doubt(&self, key: &[u8]) -> bool {
+        self.doubts.contains_key(key)
+    }
+
+    /// Fences every key in doubt: moves its version on, conditioned on the
+    /// version the lost write expects (or writes a tombstone where it
+    /// expects nothing), so it can never land; or finds that it landed.
+    /// Returns how many are still in doubt (DynamoDB still failing).
+    pub async fn settle_doubts(&self) -> usize {
+        let keys: Vec<Box<[u8]>> = self.doubts.iter().map(|d| d.key().clone()).collect();
+        for key in keys {
+            let _lock = self.writes.lock(&key).await;
+            let Some(doubt) = self.doubts.get(&key[..]).map(|d| d.clone()) else {
+                continue;
+            };
+            let view = self.view(super::unix_now());
+            let version = self.versions.next_after(doubt.ours);
+            let fence = match &doubt.prior {
+                Some(prior) => Change::Retime {
+                    expires_at: prior.expires_at,
+                    version,
+                },
+                None => Change::Put(&Item::tombstone(version, view.now)),
+            };
+            // Not `Expect::of`: the condition is exactly the lost write's.
+            let expect = match doubt.expected {
+                Expect::Version { version, .. } => Expect::Version {
+                    version,
+                    live: false,
+                },
+                Expect::Missing => Expect::Missing,
+            };
+            match self.store.write(&key, fence, expect, view).await {
+                Ok(_) => {
+                    // Fenced, or the key moved on: the lost write cannot land.
+                    self.doubts.remove_if(&key[..], |_, d| d.ours == doubt.ours);
+                    self.reads.remove(&key[..]);
+                    self.cache.remove(&key);
+                    self.counters.record(Event::WritesFenced);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot fence a write of unknown outcome yet")
+                }
+            }
+        }
+        self.doubts.len()
+    }
+
+    /// Fences doubts as they come, retrying with backoff while DynamoDB fails.
+    pub(super) async fn run_fences(&self, shutdown: &tokio_util::sync::CancellationToken) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.doubt_added.notified() => {}
+                _ = tokio::time::sleep(backoff), if !self.doubts.is_empty() => {}
+            }
+            if self.settle_doubts().await > 0 {
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            } else {
+                backoff = Duration::from_millis(50);
+            }
+        }
+    }
+
+    /// Counts what a write did, for `stats` and `/metrics`.
+    fn count_write(&self, op: Op<'_>, result: &Result<Done, StoreError>) {
+        let refusal = match result {
+            Ok(Done::Written(_)) => None,
+            Ok(Done::Refused(refusal, _)) => Some(*refusal),
+            Err(_) => return,
         };
-        let result = self
-            .store
-            .put(key, &tombstone, PutCondition::Version(version), view)
-            .await;
-        self.reads.remove(key);
-        self.cache.remove(key);
-        Ok(match result? {
-            PutResult::Stored => {
-                bump(&self.stats.delete_hits);
-                StoreResult::Stored(tombstone)
-            }
-            PutResult::Failed {
-                current: Some(current),
-            } => {
-                self.fill(key, &current, view);
-                StoreResult::Exists
-            }
-            PutResult::Failed { current: None } => {
-                bump(&self.stats.delete_misses);
-                StoreResult::NotFound
-            }
-        })
-    }
-
-    pub(super) async fn touch(&self, key: &[u8], exptime: i32, view: View) -> Answer {
-        self.store.check_key(key)?;
-        bump(&self.stats.cmd_touch);
-        match self
-            .touch_item(key, expiry(exptime, view.now), view)
-            .await?
-        {
-            Some(_) => {
-                bump(&self.stats.touch_hits);
-                Ok((Outcome::Touched, Reply::Touched))
-            }
-            None => {
-                bump(&self.stats.touch_misses);
-                Ok((Outcome::NotFound, Reply::NotFound))
-            }
+        let events: &[Event] = match (op, refusal) {
+            (Op::Store { cas: Some(_), .. }, None) => &[Event::CasHits, Event::TotalItems],
+            (Op::Store { cas: Some(_), .. }, Some(Refusal::Exists)) => &[Event::CasBadval],
+            (Op::Store { cas: Some(_), .. }, Some(Refusal::NotFound)) => &[Event::CasMisses],
+            (Op::Store { .. }, None) => &[Event::TotalItems],
+            (Op::Arith { incr: true, .. }, None) => &[Event::IncrHits],
+            (Op::Arith { incr: true, .. }, Some(Refusal::NotFound)) => &[Event::IncrMisses],
+            (Op::Arith { incr: false, .. }, None) => &[Event::DecrHits],
+            (Op::Arith { incr: false, .. }, Some(Refusal::NotFound)) => &[Event::DecrMisses],
+            (Op::Touch { .. }, None) => &[Event::TouchHits],
+            (Op::Touch { .. }, Some(_)) => &[Event::TouchMisses],
+            (Op::Delete { .. }, None) => &[Event::DeleteHits],
+            (Op::Delete { .. }, Some(Refusal::NotFound)) => &[Event::DeleteMisses],
+            _ => &[],
+        };
+        for &event in events {
+            self.counters.record(event);
         }
     }
+}
 
-    /// Sets the expiry of `key` in the store and caches the result.
-    pub(super) async fn touch_item(
-        &self,
-        key: &[u8],
-        expires_at: u32,
-        view: View,
-    ) -> Result<Option<StoredItem>, StoreError> {
-        let _lock = self.writes.lock(key).await;
-        let result = self.store.touch(key, expires_at, view).await;
-        self.reads.remove(key);
-        match &result {
-            Ok(Some(item)) => self.fill(key, item, view),
-            _ => {
-                self.cache.remove(key);
+/// The change `op` makes to a key holding `current` (as it is), as the item
+/// it leaves, with `version`; or why it makes none.
+pub(super) fn decide(
+    op: Op<'_>,
+    current: Option<&Item>,
+    view: View,
+    version: u64,
+) -> Result<(Decided, Item), Refusal> {
+    let live = current.filter(|item| item.is_live(view));
+    let check_cas = |cas: Option<u64>| match (cas, live) {
+        (None, _) => Ok(()),
+        (Some(_), None) => Err(Refusal::NotFound),
+        (Some(cas), Some(item)) if item.version != cas => Err(Refusal::Exists),
+        (Some(_), Some(_)) => Ok(()),
+    };
+    match op {
+        Op::Store {
+            mode,
+            flags,
+            expires_at,
+            data,
+            cas,
+        } => {
+            check_cas(cas)?;
+            let whole = |value: Vec<u8>| Item {
+                value,
+                flags,
+                expires_at,
+                version,
+            };
+            match (mode, live) {
+                (StoreMode::Add, Some(_)) if cas.is_none() => Err(Refusal::NotStored),
+                (StoreMode::Replace | StoreMode::Append | StoreMode::Prepend, None) => {
+                    Err(Refusal::NotStored)
+                }
+                // Flags and expiry stay the item's.
+                (StoreMode::Append | StoreMode::Prepend, Some(item)) => {
+                    let value = match mode {
+                        StoreMode::Append => [&item.value[..], data].concat(),
+                        _ => [data, &item.value[..]].concat(),
+                    };
+                    Ok((
+                        Decided::Put,
+                        Item {
+                            value,
+                            version,
+                            ..item.clone()
+                        },
+                    ))
+                }
+                _ => Ok((Decided::Put, whole(data.to_vec()))),
             }
         }
-        result
+        Op::Arith {
+            incr,
+            delta,
+            cas,
+            expires_at,
+        } => {
+            check_cas(cas)?;
+            let item = live.ok_or(Refusal::NotFound)?;
+            let old = parse_counter(&item.value).ok_or(Refusal::NotANumber)?;
+            let new = if incr {
+                old.wrapping_add(delta)
+            } else {
+                old.saturating_sub(delta)
+            };
+            // A shorter result is padded with spaces to the old length, as
+            // memcached rewrites the value in place.
+            let mut value = itoa::Buffer::new().format(new).as_bytes().to_vec();
+            if value.len() < item.value.len() {
+                value.resize(item.value.len(), b' ');
+            }
+            Ok((
+                Decided::Put,
+                Item {
+                    value,
+                    flags: item.flags,
+                    expires_at: expires_at.unwrap_or(item.expires_at),
+                    version,
+                },
+            ))
+        }
+        Op::Touch { expires_at } => {
+            let item = live.ok_or(Refusal::NotFound)?;
+            Ok((
+                Decided::Retime,
+                Item {
+                    expires_at,
+                    version,
+                    ..item.clone()
+                },
+            ))
+        }
+        Op::Delete { cas } => {
+            check_cas(cas)?;
+            live.ok_or(Refusal::NotFound)?;
+            Ok((Decided::Put, Item::tombstone(version, view.now)))
+        }
+        Op::Flush { before } => match current {
+            Some(marker) if marker.version >= before => Err(Refusal::AlreadyFlushed),
+            _ => Ok((
+                Decided::Put,
+                Item {
+                    version: before,
+                    ..Item::default()
+                },
+            )),
+        },
+    }
+}
+
+/// How a decided change is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Decided {
+    /// The whole item.
+    Put,
+    /// Expiry and version only.
+    Retime,
+}
+
+fn change_of<'a>(decided: &Decided, item: &'a Item) -> Change<'a> {
+    match decided {
+        Decided::Put => Change::Put(item),
+        Decided::Retime => Change::Retime {
+            expires_at: item.expires_at,
+            version: item.version,
+        },
     }
 }
 
 /// A counter value as memcached's `strtoull` reads it: surrounding
 /// whitespace allowed (memcached pads shrunk values with spaces), digits
 /// only, at most 2^64 - 1.
-fn parse_counter(value: &[u8]) -> Option<u64> {
+pub(super) fn parse_counter(value: &[u8]) -> Option<u64> {
     let text = std::str::from_utf8(value)
         .ok()?
         .trim_matches(|c: char| c.is_ascii_whitespace());
@@ -455,7 +507,7 @@ pub(super) struct KeyLocks {
     locks: DashMap<Box<[u8]>, Arc<tokio::sync::Mutex<()>>>,
 }
 
-struct KeyLockGuard<'a> {
+pub(super) struct KeyLockGuard<'a> {
     locks: &'a KeyLocks,
     key: Box<[u8]>,
     lock: Option<Arc<tokio::sync::Mutex<()>>>,
@@ -463,7 +515,7 @@ struct KeyLockGuard<'a> {
 }
 
 impl KeyLocks {
-    async fn lock(&self, key: &[u8]) -> KeyLockGuard<'_> {
+    pub(super) async fn lock(&self, key: &[u8]) -> KeyLockGuard<'_> {
         let lock = self.locks.entry(Box::from(key)).or_default().clone();
         let guard = lock.clone().lock_owned().await;
         KeyLockGuard {
@@ -484,5 +536,145 @@ impl Drop for KeyLockGuard<'_> {
         self.locks.locks.remove_if(&self.key, |_, l| {
             lock.as_ref().is_some_and(|ours| Arc::ptr_eq(l, ours)) && Arc::strong_count(l) == 2
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u32 = 1_800_000_000;
+
+    fn item(value: &[u8], version: u64) -> Item {
+        Item {
+            value: value.to_vec(),
+            flags: 3,
+            expires_at: 0,
+            version,
+        }
+    }
+
+    fn store(mode: StoreMode, cas: Option<u64>) -> Op<'static> {
+        Op::Store {
+            mode,
+            flags: 9,
+            expires_at: 0,
+            data: b"new",
+            cas,
+        }
+    }
+
+    #[test]
+    fn refusals_follow_memcached() {
+        let view = View::at(NOW);
+        let live = item(b"old", 7);
+        let expired = Item {
+            expires_at: NOW,
+            ..item(b"old", 7)
+        };
+        let refused = |op, current: Option<&Item>| decide(op, current, view, 8).err();
+        assert_eq!(
+            refused(store(StoreMode::Add, None), Some(&live)),
+            Some(Refusal::NotStored)
+        );
+        assert_eq!(refused(store(StoreMode::Add, None), Some(&expired)), None);
+        assert_eq!(
+            refused(store(StoreMode::Replace, None), None),
+            Some(Refusal::NotStored)
+        );
+        assert_eq!(
+            refused(store(StoreMode::Append, None), Some(&expired)),
+            Some(Refusal::NotStored)
+        );
+        assert_eq!(
+            refused(store(StoreMode::Set, Some(7)), None),
+            Some(Refusal::NotFound)
+        );
+        assert_eq!(
+            refused(store(StoreMode::Set, Some(6)), Some(&live)),
+            Some(Refusal::Exists)
+        );
+        assert_eq!(refused(store(StoreMode::Set, Some(7)), Some(&live)), None);
+        assert_eq!(
+            refused(Op::Delete { cas: None }, Some(&expired)),
+            Some(Refusal::NotFound)
+        );
+        assert_eq!(
+            refused(Op::Touch { expires_at: 0 }, None),
+            Some(Refusal::NotFound)
+        );
+        let flushed = View {
+            now: NOW,
+            flushed_before: 8,
+        };
+        assert_eq!(
+            decide(store(StoreMode::Replace, None), Some(&live), flushed, 9).err(),
+            Some(Refusal::NotStored),
+            "a flushed item is not live"
+        );
+    }
+
+    #[test]
+    fn changes_keep_what_memcached_keeps() {
+        let view = View::at(NOW);
+        let live = Item {
+            expires_at: NOW + 50,
+            ..item(b"ab", 7)
+        };
+        let (how, new) = decide(store(StoreMode::Prepend, None), Some(&live), view, 8).unwrap();
+        assert_eq!(how, Decided::Put);
+        assert_eq!(
+            (new.value.as_slice(), new.flags, new.expires_at, new.version),
+            (&b"newab"[..], 3, NOW + 50, 8)
+        );
+        let (how, new) = decide(
+            Op::Touch {
+                expires_at: NOW + 9,
+            },
+            Some(&live),
+            view,
+            8,
+        )
+        .unwrap();
+        assert_eq!(how, Decided::Retime);
+        assert_eq!(
+            (new.value.as_slice(), new.expires_at, new.version),
+            (&b"ab"[..], NOW + 9, 8)
+        );
+        let (_, tomb) = decide(Op::Delete { cas: Some(7) }, Some(&live), view, 8).unwrap();
+        assert!(!tomb.is_live(view) && tomb.version == 8);
+        let counter = item(b"10", 7);
+        let arith = |incr, delta| Op::Arith {
+            incr,
+            delta,
+            cas: None,
+            expires_at: None,
+        };
+        assert_eq!(
+            decide(arith(false, 9), Some(&counter), view, 8)
+                .unwrap()
+                .1
+                .value,
+            b"1 "
+        );
+        assert_eq!(
+            decide(arith(true, 1), Some(&item(b"x", 1)), view, 8).err(),
+            Some(Refusal::NotANumber)
+        );
+        let marker = Item {
+            version: 100,
+            ..Item::default()
+        };
+        assert_eq!(
+            decide(Op::Flush { before: 90 }, Some(&marker), view, 1).err(),
+            Some(Refusal::AlreadyFlushed)
+        );
+        assert_eq!(
+            decide(Op::Flush { before: 110 }, Some(&marker), view, 1)
+                .unwrap()
+                .1
+                .version,
+            110
+        );
     }
 }

@@ -33,8 +33,21 @@ pub enum Reply<'a> {
     Number(u64),
     /// `STAT <name> <value>`.
     Stat(&'a str, &'a str),
-    /// Any other fixed line, sent as is (e.g. `MN`).
-    Line(&'a str),
+    /// `MN`: the end of a batch of quiet meta commands.
+    MetaNoop,
+    /// `EN`: `me` found no item.
+    MetaMiss,
+    /// `ME <key> exp=<ttl> cas=<cas> size=<bytes>`: what `me` knows of an item.
+    MetaDebug {
+        key: &'a [u8],
+        ttl: i64,
+        cas: u64,
+        size: usize,
+    },
+    /// memcached's answer to `shutdown` when it was not started with `-A`.
+    ShutdownRefused,
+    /// memcached's answer to `cache_memlimit` below 8 MiB.
+    MemlimitTooSmall,
     /// `VERSION <v>`.
     Version(&'a str),
     /// `ERROR`: unknown command or wrong number of tokens.
@@ -129,7 +142,29 @@ impl Reply<'_> {
                 out.put_slice(name.as_bytes());
                 line(out, b" ", value);
             }
-            Reply::Line(text) => line(out, b"", text),
+            Reply::MetaNoop => out.put_slice(b"MN\r\n"),
+            Reply::MetaMiss => out.put_slice(b"EN\r\n"),
+            Reply::MetaDebug {
+                key,
+                ttl,
+                cas,
+                size,
+            } => {
+                let mut num = itoa::Buffer::new();
+                out.put_slice(b"ME ");
+                out.put_slice(key);
+                out.put_slice(b" exp=");
+                out.put_slice(num.format(*ttl).as_bytes());
+                out.put_slice(b" cas=");
+                out.put_slice(num.format(*cas).as_bytes());
+                out.put_slice(b" size=");
+                out.put_slice(num.format(*size).as_bytes());
+                out.put_slice(b"\r\n");
+            }
+            Reply::ShutdownRefused => out.put_slice(b"ERROR: shutdown not enabled\r\n"),
+            Reply::MemlimitTooSmall => {
+                out.put_slice(b"MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m\r\n")
+            }
             Reply::NotFound => out.put_slice(b"NOT_FOUND\r\n"),
             Reply::Deleted => out.put_slice(b"DELETED\r\n"),
             Reply::Touched => out.put_slice(b"TOUCHED\r\n"),
@@ -257,7 +292,8 @@ mod tests {
             b"18446744073709551615\r\n"
         );
         assert_eq!(bytes(Reply::Stat("pid", "42")), b"STAT pid 42\r\n");
-        assert_eq!(bytes(Reply::Line("MN")), b"MN\r\n");
+        assert_eq!(bytes(Reply::MetaNoop), b"MN\r\n");
+        assert_eq!(bytes(Reply::MetaMiss), b"EN\r\n");
     }
 
     #[test]

@@ -7,20 +7,23 @@
 //! with the clock itself.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::client::Waiters;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType as DynamoKeyType,
-    KeysAndAttributes, ProvisionedThroughput, ReturnValue, ReturnValuesOnConditionCheckFailure,
+    KeysAndAttributes, ProvisionedThroughput, ReturnValuesOnConditionCheckFailure,
     ScalarAttributeType, TimeToLiveSpecification,
 };
 use serde::{Deserialize, Serialize};
 
-use super::{PutCondition, PutResult, Store, StoreError, StoredItem, View};
+use super::{Change, Expect, Item, Store, StoreError, View, Written};
 
 /// The type of the table's partition key attribute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,7 +207,9 @@ impl DynamoStore {
         }
     }
 
-    fn item_from(&self, attrs: &HashMap<String, AttributeValue>) -> Result<StoredItem, StoreError> {
+    /// An item as DynamoDB holds it; a missing attribute takes its default
+    /// (items other programs wrote may lack flags or a version).
+    fn item_from(&self, attrs: &HashMap<String, AttributeValue>) -> Result<Item, StoreError> {
         let s = &self.settings;
         let value = match attrs.get(&s.value_attribute) {
             Some(AttributeValue::B(b)) => b.as_ref().to_vec(),
@@ -213,7 +218,7 @@ impl DynamoStore {
             Some(_) => return Err(bad_attr(&s.value_attribute)),
             None => Vec::new(),
         };
-        Ok(StoredItem {
+        Ok(Item {
             value,
             flags: number(attrs, &s.flags_attribute)?.unwrap_or(0),
             expires_at: expiry(attrs, &s.expiry_attribute)?,
@@ -221,41 +226,82 @@ impl DynamoStore {
         })
     }
 
-    fn live_item(
+    fn item_in(
         &self,
         attrs: Option<&HashMap<String, AttributeValue>>,
-        view: View,
-    ) -> Result<Option<StoredItem>, StoreError> {
+    ) -> Result<Option<Item>, StoreError> {
         match attrs {
-            Some(attrs) if !attrs.is_empty() => {
-                let item = self.item_from(attrs)?;
-                Ok(item.is_live(view).then_some(item))
-            }
+            Some(attrs) if !attrs.is_empty() => self.item_from(attrs).map(Some),
             _ => Ok(None),
         }
     }
 
-    /// The condition under which the key holds a live item, and its values.
-    fn live_condition(view: View) -> (String, Vec<(&'static str, AttributeValue)>) {
-        let mut expr =
-            String::from("attribute_exists(#k) AND (attribute_not_exists(#e) OR #e > :now)");
-        let mut values = vec![(":now", AttributeValue::N(view.now.to_string()))];
-        if view.flushed_before > 0 {
-            expr.push_str(" AND #r >= :flushed");
-            values.push((
-                ":flushed",
-                AttributeValue::N(view.flushed_before.to_string()),
-            ));
+    /// The condition that the key holds what `expect` says, and its values.
+    fn condition(expect: Expect, view: View) -> (String, Vec<(&'static str, AttributeValue)>) {
+        match expect {
+            Expect::Missing => ("attribute_not_exists(#k)".into(), Vec::new()),
+            Expect::Version { version, live } => {
+                // An item another program wrote may have no version: it is 0.
+                let mut expr = match version {
+                    0 => String::from(
+                        "attribute_exists(#k) AND (attribute_not_exists(#r) OR #r = :ver)",
+                    ),
+                    _ => String::from("#r = :ver"),
+                };
+                let mut values = vec![(":ver", AttributeValue::N(version.to_string()))];
+                if live {
+                    expr.push_str(" AND (attribute_not_exists(#e) OR #e > :now)");
+                    values.push((":now", AttributeValue::N(view.now.to_string())));
+                    if view.flushed_before > 0 {
+                        expr.push_str(" AND #r >= :flushed");
+                        values.push((
+                            ":flushed",
+                            AttributeValue::N(view.flushed_before.to_string()),
+                        ));
+                    }
+                }
+                (expr, values)
+            }
         }
-        (expr, values)
     }
 
-    /// The marker item's key: a space, which no memcached key can hold.
-    fn flush_marker_key(&self) -> AttributeValue {
-        match self.settings.key_type {
-            KeyType::S => AttributeValue::S(FLUSH_MARKER_KEY.into()),
-            KeyType::B => AttributeValue::B(Blob::new(FLUSH_MARKER_KEY)),
+    /// Runs one SDK call and records its latency and outcome: the one place
+    /// every DynamoDB call is observed.
+    async fn send<T, E>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Result<T, SdkError<E>>>,
+    ) -> Result<T, SdkError<E>>
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let started = Instant::now();
+        // Boxed: SDK futures are large, and the engine's futures hold them.
+        let result = Box::pin(call).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) if e.code() == Some("ConditionalCheckFailedException") => "conditional_failed",
+            Err(e) => match classify(e) {
+                StoreError::Timeout => "timeout",
+                StoreError::Throttled => "throttled",
+                _ => "error",
+            },
+        };
+        metrics::counter!(crate::metrics::DYNAMODB_REQUESTS, "operation" => operation, "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!(crate::metrics::DYNAMODB_DURATION, "operation" => operation)
+            .record(started.elapsed().as_secs_f64());
+        match outcome {
+            "ok" | "conditional_failed" => super::outage::DYNAMODB.answered(),
+            _ => {
+                if let Err(e) = &result {
+                    let error = classify(e);
+                    tracing::debug!(operation, %error, detail = %DisplayErrorContext(e), "dynamodb call failed");
+                    super::outage::DYNAMODB.failed(&error, &DisplayErrorContext(e).to_string());
+                }
+            }
         }
+        result
     }
 
     /// Creates the table (partition key only, TTL on the expiry attribute).
@@ -275,14 +321,14 @@ impl DynamoStore {
                     .attribute_name(&s.key_attribute)
                     .attribute_type(key_type)
                     .build()
-                    .map_err(|e| StoreError::Service(e.to_string()))?,
+                    .map_err(|e| StoreError::Rejected(e.to_string()))?,
             )
             .key_schema(
                 KeySchemaElement::builder()
                     .attribute_name(&s.key_attribute)
                     .key_type(DynamoKeyType::Hash)
                     .build()
-                    .map_err(|e| StoreError::Service(e.to_string()))?,
+                    .map_err(|e| StoreError::Rejected(e.to_string()))?,
             );
         req = match table.billing_mode {
             TableBilling::OnDemand => req.billing_mode(BillingMode::PayPerRequest),
@@ -293,7 +339,7 @@ impl DynamoStore {
                         .read_capacity_units(table.read_capacity)
                         .write_capacity_units(table.write_capacity)
                         .build()
-                        .map_err(|e| StoreError::Service(e.to_string()))?,
+                        .map_err(|e| StoreError::Rejected(e.to_string()))?,
                 ),
         };
         match Box::pin(req.send()).await {
@@ -304,14 +350,14 @@ impl DynamoStore {
             {
                 return Ok(false);
             }
-            Err(e) => return Err(classify(e)),
+            Err(e) => return Err(classify(&e)),
         }
         self.client
             .wait_until_table_exists()
             .table_name(&s.table)
             .wait(Duration::from_secs(120))
             .await
-            .map_err(|e| StoreError::Service(DisplayErrorContext(&e).to_string()))?;
+            .map_err(|e| StoreError::Rejected(DisplayErrorContext(&e).to_string()))?;
         Box::pin(
             self.client
                 .update_time_to_live()
@@ -321,44 +367,31 @@ impl DynamoStore {
                         .enabled(true)
                         .attribute_name(&s.expiry_attribute)
                         .build()
-                        .map_err(|e| StoreError::Service(e.to_string()))?,
+                        .map_err(|e| StoreError::Rejected(e.to_string()))?,
                 )
                 .send(),
         )
         .await
-        .map_err(classify)?;
+        .map_err(|e| classify(&e))?;
         Ok(true)
     }
 
     /// Whether the table exists and answers (for readiness).
     pub async fn describe_table(&self) -> Result<(), StoreError> {
-        let started = Instant::now();
-        let result = Box::pin(
-            self.client
-                .describe_table()
-                .table_name(&self.settings.table)
-                .send(),
-        )
-        .await;
-        match result {
-            Ok(_) => {
-                observe("DescribeTable", started, "ok");
-                Ok(())
-            }
-            Err(e) => {
-                let err = classify(e);
-                observe("DescribeTable", started, outcome_of(&err));
-                Err(err)
-            }
+        let call = self
+            .client
+            .describe_table()
+            .table_name(&self.settings.table)
+            .send();
+        match self.send("DescribeTable", call).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(classify(&e)),
         }
     }
 }
 
 /// BatchGetItem's limit of keys per call.
 const BATCH_GET_MAX: usize = 100;
-
-/// The key of the item recording the last `flush_all`.
-const FLUSH_MARKER_KEY: &str = "dynacache flush_all";
 
 const NOT_UTF8: &str = "key is not valid UTF-8, which the table's S key attribute requires";
 
@@ -387,60 +420,45 @@ fn expiry(attrs: &HashMap<String, AttributeValue>, name: &str) -> Result<u32, St
     }
 }
 
-/// Maps an SDK failure to what the client is told, and notes it for the
-/// outage log.
-fn classify<E>(err: SdkError<E>) -> StoreError
+/// What the client is told of an SDK failure: a short, classified reason
+/// (the SDK's own text, with HTTP headers, goes to the debug log).
+fn classify<E>(err: &SdkError<E>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
-    let err = classify_only(err);
-    super::outage::DYNAMODB.failed(&err);
-    err
-}
-
-fn classify_only<E>(err: SdkError<E>) -> StoreError
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-{
-    match &err {
+    match err {
         SdkError::TimeoutError(_) => StoreError::Timeout,
         SdkError::DispatchFailure(d) if d.is_timeout() => StoreError::Timeout,
-        SdkError::DispatchFailure(_) => {
-            StoreError::Unavailable(DisplayErrorContext(&err).to_string())
-        }
-        SdkError::ServiceError(service) => match service.err().code() {
-            Some(
+        SdkError::DispatchFailure(_) => StoreError::Unavailable,
+        SdkError::ResponseError(_) => StoreError::Unavailable,
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("unknown");
+            match code {
                 "ProvisionedThroughputExceededException"
                 | "ThrottlingException"
-                | "RequestLimitExceeded",
-            ) => StoreError::Throttled,
-            code => StoreError::Service(format!(
-                "{}: {}",
-                code.unwrap_or("unknown"),
-                service.err().message().unwrap_or("no message")
-            )),
-        },
-        _ => StoreError::Service(DisplayErrorContext(&err).to_string()),
+                | "RequestLimitExceeded" => StoreError::Throttled,
+                "InternalServerError" | "ServiceUnavailable" | "InternalFailure" => {
+                    StoreError::Internal
+                }
+                _ if service.raw().status().is_server_error() => StoreError::Internal,
+                // An AWS error code is a short identifier; bound it anyway.
+                _ => StoreError::Rejected(code.chars().take(64).collect()),
+            }
+        }
+        _ => StoreError::Unavailable,
     }
 }
 
-/// Records one DynamoDB call's outcome and latency.
-fn observe(operation: &'static str, started: Instant, outcome: &'static str) {
-    metrics::counter!(crate::metrics::DYNAMODB_REQUESTS, "operation" => operation, "outcome" => outcome)
-        .increment(1);
-    metrics::histogram!(crate::metrics::DYNAMODB_DURATION, "operation" => operation)
-        .record(started.elapsed().as_secs_f64());
-    if matches!(outcome, "ok" | "conditional_failed") {
-        super::outage::DYNAMODB.answered();
-    }
-}
-
-fn outcome_of(err: &StoreError) -> &'static str {
-    match err {
-        StoreError::Timeout => "timeout",
-        StoreError::Throttled => "throttled",
-        _ => "error",
-    }
+/// The item a failed condition returned (ReturnValuesOnConditionCheckFailure).
+fn conflict_item<E>(
+    err: &SdkError<E>,
+    item: impl Fn(&E) -> Option<&HashMap<String, AttributeValue>>,
+) -> Option<Option<HashMap<String, AttributeValue>>>
+where
+    E: ProvideErrorMetadata,
+{
+    let service = err.as_service_error()?;
+    (service.code() == Some("ConditionalCheckFailedException")).then(|| item(service).cloned())
 }
 
 impl Store for DynamoStore {
@@ -465,35 +483,21 @@ impl Store for DynamoStore {
             + 3 * 21
     }
 
-    async fn get(&self, key: &[u8], view: View) -> Result<Option<StoredItem>, StoreError> {
-        let started = Instant::now();
-        let result = Box::pin(
-            self.client
-                .get_item()
-                .table_name(&self.settings.table)
-                .key(&self.settings.key_attribute, self.key_value(key)?)
-                .consistent_read(self.settings.consistent_reads)
-                .send(),
-        )
-        .await;
-        match result {
-            Ok(out) => {
-                observe("GetItem", started, "ok");
-                self.live_item(out.item(), view)
-            }
-            Err(e) => {
-                let err = classify(e);
-                observe("GetItem", started, outcome_of(&err));
-                Err(err)
-            }
+    async fn get(&self, key: &[u8]) -> Result<Option<Item>, StoreError> {
+        let call = self
+            .client
+            .get_item()
+            .table_name(&self.settings.table)
+            .key(&self.settings.key_attribute, self.key_value(key)?)
+            .consistent_read(self.settings.consistent_reads)
+            .send();
+        match self.send("GetItem", call).await {
+            Ok(out) => self.item_in(out.item()),
+            Err(e) => Err(classify(&e)),
         }
     }
 
-    async fn get_many(
-        &self,
-        keys: &[&[u8]],
-        view: View,
-    ) -> Result<Vec<Option<StoredItem>>, StoreError> {
+    async fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Item>>, StoreError> {
         let s = &self.settings;
         let index: HashMap<&[u8], usize> = keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
         let mut items = vec![None; keys.len()];
@@ -518,22 +522,16 @@ impl Store for DynamoStore {
                     .set_keys(Some(pending))
                     .consistent_read(s.consistent_reads)
                     .build()
-                    .map_err(|e| StoreError::Service(e.to_string()))?;
-                let started = Instant::now();
-                let sent = self
+                    .map_err(|e| StoreError::Rejected(e.to_string()))?;
+                let call = self
                     .client
                     .batch_get_item()
                     .request_items(&s.table, request)
                     .send();
-                let out = match Box::pin(sent).await {
-                    Ok(out) => out,
-                    Err(e) => {
-                        let err = classify(e);
-                        observe("BatchGetItem", started, outcome_of(&err));
-                        return Err(err);
-                    }
-                };
-                observe("BatchGetItem", started, "ok");
+                let out = self
+                    .send("BatchGetItem", call)
+                    .await
+                    .map_err(|e| classify(&e))?;
                 for attrs in out
                     .responses()
                     .and_then(|r| r.get(&s.table))
@@ -546,7 +544,7 @@ impl Store for DynamoStore {
                         _ => return Err(bad_attr(&s.key_attribute)),
                     };
                     if let Some(&i) = index.get(key) {
-                        items[i] = self.live_item(Some(attrs), view)?;
+                        items[i] = self.item_in(Some(attrs))?;
                     }
                 }
                 pending = out
@@ -567,227 +565,104 @@ impl Store for DynamoStore {
         Ok(items)
     }
 
-    async fn put(
+    async fn write(
         &self,
         key: &[u8],
-        item: &StoredItem,
-        condition: PutCondition,
+        change: Change<'_>,
+        expect: Expect,
         view: View,
-    ) -> Result<PutResult, StoreError> {
+    ) -> Result<Written, StoreError> {
         let s = &self.settings;
-        let mut req = self
-            .client
-            .put_item()
-            .table_name(&s.table)
-            .item(&s.key_attribute, self.key_value(key)?)
-            .item(
-                &s.value_attribute,
-                AttributeValue::B(Blob::new(item.value.clone())),
-            )
-            .item(
-                &s.flags_attribute,
-                AttributeValue::N(item.flags.to_string()),
-            )
-            .item(
-                &s.version_attribute,
-                AttributeValue::N(item.version.to_string()),
-            );
-        if item.expires_at != 0 {
-            req = req.item(
-                &s.expiry_attribute,
-                AttributeValue::N(item.expires_at.to_string()),
-            );
-        }
-        let (live, mut values) = Self::live_condition(view);
-        let expr = match condition {
-            PutCondition::Always => None,
-            // Absent, or present but expired (not yet swept by TTL) or flushed.
-            PutCondition::Absent => Some(format!("NOT ({live})")),
-            PutCondition::Live => Some(live),
-            PutCondition::Version(v) => {
-                values.push((":ver", AttributeValue::N(v.to_string())));
-                Some(format!("#r = :ver AND {live}"))
-            }
-        };
-        if let Some(expr) = &expr {
-            req = req
-                .condition_expression(expr)
-                .set_expression_attribute_names(Some(self.names_for(expr)))
-                .return_values_on_condition_check_failure(
-                    ReturnValuesOnConditionCheckFailure::AllOld,
-                );
-            for (name, value) in values {
-                req = req.expression_attribute_values(name, value);
-            }
-        }
-        let started = Instant::now();
-        match Box::pin(req.send()).await {
-            Ok(_) => {
-                observe("PutItem", started, "ok");
-                Ok(PutResult::Stored)
-            }
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                observe("PutItem", started, "conditional_failed");
-                // The item as it was when the condition failed, at no read cost.
-                let old = e.as_service_error().and_then(|e| match e {
-                    aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(c) => {
-                        c.item().cloned()
-                    }
-                    _ => None,
-                });
-                Ok(PutResult::Failed {
-                    current: self.live_item(old.as_ref(), view)?,
-                })
-            }
-            Err(e) => {
-                let err = classify(e);
-                observe("PutItem", started, outcome_of(&err));
-                Err(err)
-            }
-        }
-    }
-
-    async fn delete(&self, key: &[u8], view: View) -> Result<bool, StoreError> {
-        let started = Instant::now();
-        let result = Box::pin(
-            self.client
-                .delete_item()
-                .table_name(&self.settings.table)
-                .key(&self.settings.key_attribute, self.key_value(key)?)
-                .return_values(ReturnValue::AllOld)
-                .send(),
-        )
-        .await;
-        match result {
-            Ok(out) => {
-                observe("DeleteItem", started, "ok");
-                Ok(self.live_item(out.attributes(), view)?.is_some())
-            }
-            Err(e) => {
-                let err = classify(e);
-                observe("DeleteItem", started, outcome_of(&err));
-                Err(err)
-            }
-        }
-    }
-
-    async fn touch(
-        &self,
-        key: &[u8],
-        expires_at: u32,
-        view: View,
-    ) -> Result<Option<StoredItem>, StoreError> {
-        let update = if expires_at == 0 {
-            "REMOVE #e"
-        } else {
-            "SET #e = :exp"
-        };
-        let (condition, values) = Self::live_condition(view);
-        let mut req = self
-            .client
-            .update_item()
-            .table_name(&self.settings.table)
-            .key(&self.settings.key_attribute, self.key_value(key)?)
-            .update_expression(update)
-            .condition_expression(&condition)
-            .set_expression_attribute_names(Some(self.names_for(&format!("{update} {condition}"))))
-            .return_values(ReturnValue::AllNew);
-        for (name, value) in values {
-            req = req.expression_attribute_values(name, value);
-        }
-        if expires_at != 0 {
-            req =
-                req.expression_attribute_values(":exp", AttributeValue::N(expires_at.to_string()));
-        }
-        let started = Instant::now();
-        match Box::pin(req.send()).await {
-            Ok(out) => {
-                observe("UpdateItem", started, "ok");
-                // As it now is, even if the new expiry is already past.
-                out.attributes()
-                    .filter(|attrs| !attrs.is_empty())
-                    .map(|attrs| self.item_from(attrs))
-                    .transpose()
-            }
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                observe("UpdateItem", started, "conditional_failed");
-                Ok(None)
-            }
-            Err(e) => {
-                let err = classify(e);
-                observe("UpdateItem", started, outcome_of(&err));
-                Err(err)
-            }
-        }
-    }
-
-    async fn flush_marker(&self) -> Result<u64, StoreError> {
-        let started = Instant::now();
-        let sent = self
-            .client
-            .get_item()
-            .table_name(&self.settings.table)
-            .key(&self.settings.key_attribute, self.flush_marker_key())
-            .consistent_read(true)
-            .send();
-        match Box::pin(sent).await {
-            Ok(out) => {
-                observe("GetItem", started, "ok");
-                match out.item() {
-                    Some(attrs) => {
-                        Ok(number(attrs, &self.settings.version_attribute)?.unwrap_or(0))
-                    }
-                    None => Ok(0),
+        let (condition, values) = Self::condition(expect, view);
+        let returned = match change {
+            Change::Put(item) => {
+                let mut req = self
+                    .client
+                    .put_item()
+                    .table_name(&s.table)
+                    .item(&s.key_attribute, self.key_value(key)?)
+                    .item(
+                        &s.value_attribute,
+                        AttributeValue::B(Blob::new(item.value.clone())),
+                    )
+                    .item(
+                        &s.flags_attribute,
+                        AttributeValue::N(item.flags.to_string()),
+                    )
+                    .item(
+                        &s.version_attribute,
+                        AttributeValue::N(item.version.to_string()),
+                    )
+                    .condition_expression(&condition)
+                    .set_expression_attribute_names(Some(self.names_for(&condition)))
+                    .return_values_on_condition_check_failure(
+                        ReturnValuesOnConditionCheckFailure::AllOld,
+                    );
+                if item.expires_at != 0 {
+                    req = req.item(
+                        &s.expiry_attribute,
+                        AttributeValue::N(item.expires_at.to_string()),
+                    );
+                }
+                for (name, value) in values {
+                    req = req.expression_attribute_values(name, value);
+                }
+                match self.send("PutItem", req.send()).await {
+                    Ok(_) => return Ok(Written::Done),
+                    Err(e) => conflict_item(&e, |e| match e {
+                        PutItemError::ConditionalCheckFailedException(c) => c.item(),
+                        _ => None,
+                    })
+                    .ok_or_else(|| classify(&e))?,
                 }
             }
-            Err(e) => {
-                let err = classify(e);
-                observe("GetItem", started, outcome_of(&err));
-                Err(err)
+            Change::Retime {
+                expires_at,
+                version,
+            } => {
+                let update = match expires_at {
+                    0 => "SET #r = :new REMOVE #e",
+                    _ => "SET #r = :new, #e = :exp",
+                };
+                let mut req = self
+                    .client
+                    .update_item()
+                    .table_name(&s.table)
+                    .key(&s.key_attribute, self.key_value(key)?)
+                    .update_expression(update)
+                    .condition_expression(&condition)
+                    .set_expression_attribute_names(Some(
+                        self.names_for(&format!("{update} {condition}")),
+                    ))
+                    .expression_attribute_values(":new", AttributeValue::N(version.to_string()))
+                    .return_values_on_condition_check_failure(
+                        ReturnValuesOnConditionCheckFailure::AllOld,
+                    );
+                if expires_at != 0 {
+                    req = req.expression_attribute_values(
+                        ":exp",
+                        AttributeValue::N(expires_at.to_string()),
+                    );
+                }
+                for (name, value) in values {
+                    req = req.expression_attribute_values(name, value);
+                }
+                match self.send("UpdateItem", req.send()).await {
+                    Ok(_) => return Ok(Written::Done),
+                    Err(e) => conflict_item(&e, |e| match e {
+                        UpdateItemError::ConditionalCheckFailedException(c) => c.item(),
+                        _ => None,
+                    })
+                    .ok_or_else(|| classify(&e))?,
+                }
             }
-        }
+        };
+        Ok(Written::Conflict(self.item_in(returned.as_ref())?))
     }
 
-    async fn set_flush_marker(&self, flushed_before: u64) -> Result<(), StoreError> {
-        // Only forward: of two racing flushes, the later time stays.
-        let expr = "attribute_not_exists(#r) OR #r < :flushed";
-        let sent = self
-            .client
-            .put_item()
-            .table_name(&self.settings.table)
-            .item(&self.settings.key_attribute, self.flush_marker_key())
-            .item(
-                &self.settings.version_attribute,
-                AttributeValue::N(flushed_before.to_string()),
-            )
-            .condition_expression(expr)
-            .set_expression_attribute_names(Some(self.names_for(expr)))
-            .expression_attribute_values(":flushed", AttributeValue::N(flushed_before.to_string()))
-            .send();
-        let started = Instant::now();
-        match Box::pin(sent).await {
-            Ok(_) => {
-                observe("PutItem", started, "ok");
-                Ok(())
-            }
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                observe("PutItem", started, "conditional_failed");
-                Ok(())
-            }
-            Err(e) => {
-                let err = classify(e);
-                observe("PutItem", started, outcome_of(&err));
-                Err(err)
-            }
-        }
+    async fn ready(&self) -> Result<(), String> {
+        self.describe_table()
+            .await
+            .map_err(|e| format!("DescribeTable {}: {e}", self.settings.table))
     }
 }

@@ -5,17 +5,19 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::{PutCondition, PutResult, Store, StoreError, StoredItem, View};
+use super::{Change, Expect, Item, Store, StoreError, View, Written};
 
 #[derive(Default)]
 pub struct MemoryStore {
-    items: Mutex<HashMap<Vec<u8>, StoredItem>>,
+    items: Mutex<HashMap<Vec<u8>, Item>>,
     /// While set, every call fails as DynamoDB does in an outage.
     failing: AtomicBool,
+    /// While set, writes are not applied and answer a timeout (their
+    /// outcome unknown to the caller), as a write stuck in the network.
+    timing_out: AtomicBool,
     calls: AtomicU64,
-    flush_marker: AtomicU64,
-    /// While set, another writer changes an item just before every
-    /// version-conditioned put of it, so those puts always lose the race.
+    /// While set, another writer changes an item just before every write
+    /// that expects a version of it, so those writes always lose the race.
     interfering: AtomicBool,
 }
 
@@ -29,7 +31,12 @@ impl MemoryStore {
         self.failing.store(failing, Ordering::SeqCst);
     }
 
-    /// Makes every version-conditioned put lose to a simulated other writer.
+    /// Makes every later write time out without being applied.
+    pub fn set_timing_out(&self, timing_out: bool) {
+        self.timing_out.store(timing_out, Ordering::SeqCst);
+    }
+
+    /// Makes every version-conditioned write lose to a simulated other writer.
     pub fn set_interfering(&self, interfering: bool) {
         self.interfering.store(interfering, Ordering::SeqCst);
     }
@@ -40,19 +47,19 @@ impl MemoryStore {
     }
 
     /// What the store holds for `key`, expired or not.
-    pub fn raw(&self, key: &[u8]) -> Option<StoredItem> {
+    pub fn raw(&self, key: &[u8]) -> Option<Item> {
         self.items.lock().unwrap().get(key).cloned()
     }
 
     /// Puts an item directly, as another writer would.
-    pub fn insert_raw(&self, key: &[u8], item: StoredItem) {
+    pub fn insert_raw(&self, key: &[u8], item: Item) {
         self.items.lock().unwrap().insert(key.to_vec(), item);
     }
 
-    fn enter(&self) -> Result<std::sync::MutexGuard<'_, HashMap<Vec<u8>, StoredItem>>, StoreError> {
+    fn enter(&self) -> Result<std::sync::MutexGuard<'_, HashMap<Vec<u8>, Item>>, StoreError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self.failing.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("memory store set to fail".into()));
+            return Err(StoreError::Unavailable);
         }
         Ok(self.items.lock().unwrap())
     }
@@ -67,68 +74,58 @@ impl Store for MemoryStore {
         0
     }
 
-    async fn get(&self, key: &[u8], view: View) -> Result<Option<StoredItem>, StoreError> {
-        let items = self.enter()?;
-        Ok(items.get(key).filter(|i| i.is_live(view)).cloned())
+    async fn get(&self, key: &[u8]) -> Result<Option<Item>, StoreError> {
+        Ok(self.enter()?.get(key).cloned())
     }
 
-    async fn put(
+    async fn write(
         &self,
         key: &[u8],
-        item: &StoredItem,
-        condition: PutCondition,
+        change: Change<'_>,
+        expect: Expect,
         view: View,
-    ) -> Result<PutResult, StoreError> {
+    ) -> Result<Written, StoreError> {
         let mut items = self.enter()?;
-        if let PutCondition::Version(_) = condition
+        if self.timing_out.load(Ordering::SeqCst) {
+            return Err(StoreError::Timeout);
+        }
+        if let Expect::Version { .. } = expect
             && self.interfering.load(Ordering::SeqCst)
             && let Some(item) = items.get_mut(key)
         {
             item.version += 1;
         }
-        let current = items.get(key).filter(|i| i.is_live(view)).cloned();
-        let holds = match condition {
-            PutCondition::Always => true,
-            PutCondition::Absent => current.is_none(),
-            PutCondition::Live => current.is_some(),
-            PutCondition::Version(v) => current.as_ref().is_some_and(|c| c.version == v),
+        let current = items.get(key);
+        let holds = match (expect, current) {
+            (Expect::Missing, None) => true,
+            (Expect::Version { version, live }, Some(item)) => {
+                item.version == version && (!live || item.is_live(view))
+            }
+            _ => false,
         };
         if !holds {
-            return Ok(PutResult::Failed { current });
+            return Ok(Written::Conflict(current.cloned()));
         }
-        items.insert(key.to_vec(), item.clone());
-        Ok(PutResult::Stored)
-    }
-
-    async fn delete(&self, key: &[u8], view: View) -> Result<bool, StoreError> {
-        let mut items = self.enter()?;
-        Ok(items.remove(key).is_some_and(|i| i.is_live(view)))
-    }
-
-    async fn touch(
-        &self,
-        key: &[u8],
-        expires_at: u32,
-        view: View,
-    ) -> Result<Option<StoredItem>, StoreError> {
-        let mut items = self.enter()?;
-        match items.get_mut(key) {
-            Some(item) if item.is_live(view) => {
-                item.expires_at = expires_at;
-                Ok(Some(item.clone()))
+        match change {
+            Change::Put(item) => {
+                items.insert(key.to_vec(), item.clone());
             }
-            _ => Ok(None),
+            Change::Retime {
+                expires_at,
+                version,
+            } => {
+                let item = items.get_mut(key).expect("a version was expected");
+                item.expires_at = expires_at;
+                item.version = version;
+            }
         }
+        Ok(Written::Done)
     }
 
-    async fn flush_marker(&self) -> Result<u64, StoreError> {
-        drop(self.enter()?);
-        Ok(self.flush_marker.load(Ordering::SeqCst))
-    }
-
-    async fn set_flush_marker(&self, flushed_before: u64) -> Result<(), StoreError> {
-        drop(self.enter()?);
-        self.flush_marker.store(flushed_before, Ordering::SeqCst);
-        Ok(())
+    async fn ready(&self) -> Result<(), String> {
+        match self.failing.load(Ordering::SeqCst) {
+            true => Err("memory store set to fail".into()),
+            false => Ok(()),
+        }
     }
 }

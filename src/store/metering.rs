@@ -12,7 +12,6 @@ use aws_sdk_dynamodb::config::interceptors::{
 };
 use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_dynamodb::operation::batch_get_item::{BatchGetItemInput, BatchGetItemOutput};
-use aws_sdk_dynamodb::operation::delete_item::{DeleteItemInput, DeleteItemOutput};
 use aws_sdk_dynamodb::operation::get_item::{GetItemInput, GetItemOutput};
 use aws_sdk_dynamodb::operation::put_item::{PutItemInput, PutItemOutput};
 use aws_sdk_dynamodb::operation::update_item::{UpdateItemInput, UpdateItemOutput};
@@ -74,8 +73,6 @@ fn ask_for_capacity(input: &mut Input) {
         &mut i.return_consumed_capacity
     } else if let Some(i) = input.downcast_mut::<UpdateItemInput>() {
         &mut i.return_consumed_capacity
-    } else if let Some(i) = input.downcast_mut::<DeleteItemInput>() {
-        &mut i.return_consumed_capacity
     } else if let Some(i) = input.downcast_mut::<BatchGetItemInput>() {
         &mut i.return_consumed_capacity
     } else {
@@ -92,8 +89,6 @@ fn consumed(output: &Output) -> Option<f64> {
     } else if let Some(o) = output.downcast_ref::<PutItemOutput>() {
         one(&o.consumed_capacity)
     } else if let Some(o) = output.downcast_ref::<UpdateItemOutput>() {
-        one(&o.consumed_capacity)
-    } else if let Some(o) = output.downcast_ref::<DeleteItemOutput>() {
         one(&o.consumed_capacity)
     } else if let Some(o) = output.downcast_ref::<BatchGetItemOutput>() {
         // One entry per table.

@@ -2,8 +2,12 @@
 //! over. [`DynamoStore`] is the product; [`MemoryStore`] serves unit tests and
 //! micro-benchmarks only.
 //!
-//! A store reports what the table holds: an item whose expiry has passed is
-//! absent, whether or not DynamoDB's TTL sweeper has deleted it yet.
+//! A store is deliberately simple: it reads items as they are (expired ones
+//! and tombstones included: deciding what is live is the engine's, in
+//! [`Item::is_live`]) and writes an item only if the key still holds what
+//! the writer saw ([`Expect`]). That one primitive is what lets every write
+//! be checked against the state it replaces, so a write answered long ago
+//! (a timeout whose request lands late) can never overwrite a newer one.
 
 mod dynamo;
 mod memory;
@@ -15,17 +19,30 @@ use std::future::Future;
 pub use dynamo::{DynamoSettings, DynamoStore, KeyType, TableBilling, TableSettings};
 pub use memory::MemoryStore;
 
-/// An item as the store holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredItem {
+/// Keys that begin with this hold dynacache's own items (the `flush_all`
+/// marker, fleet membership); a client cannot name them (a classic key has
+/// no space; a base64 meta key with one is refused).
+pub const RESERVED_PREFIX: &[u8] = b"dynacache ";
+
+/// An item: what the table holds for a key, what the cache keeps a copy
+/// of, and what a reply is made from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Item {
     pub value: Vec<u8>,
     pub flags: u32,
     /// Unix seconds after which the item is gone; 0 = never.
     pub expires_at: u32,
-    /// Changes on every write; the item's cas unique. Versions are made from
-    /// the writer's clock, so a version also dates its write (see
-    /// [`View::flushed_before`]).
+    /// Changes on every write (the item's cas unique), never repeats: a
+    /// write conditioned on it cannot land once anything else was written.
+    /// Versions are made from the writer's clock, so a version also dates
+    /// its write (see [`View::flushed_before`]).
     pub version: u64,
+}
+
+/// Whether an item with this expiry is gone at `now` (Unix seconds): the
+/// one rule for expiry, in the store, the cache and the engine.
+pub fn is_expired(expires_at: u32, now: u32) -> bool {
+    expires_at != 0 && expires_at <= now
 }
 
 /// What "live" means for one request: not expired at `now`, and not written
@@ -47,45 +64,83 @@ impl View {
     }
 }
 
-impl StoredItem {
+impl Item {
     pub fn is_expired(&self, now: u32) -> bool {
-        self.expires_at != 0 && self.expires_at <= now
+        is_expired(self.expires_at, now)
     }
 
     /// Whether clients may see this item under `view`.
     pub fn is_live(&self, view: View) -> bool {
         !self.is_expired(view.now) && self.version >= view.flushed_before
     }
+
+    /// What a delete leaves: an empty item, already expired (no reader,
+    /// old binaries included, takes it for a value; the table's TTL removes
+    /// it), whose version a late write conditioned on an older one fails on.
+    pub fn tombstone(version: u64, now: u32) -> Item {
+        Item {
+            value: Vec::new(),
+            flags: 0,
+            expires_at: now.max(1),
+            version,
+        }
+    }
 }
 
-/// When a put may happen. Every condition is decided by the store
-/// atomically with the write, so racing writers from many hosts agree.
+/// What a write expects the key to hold, checked by the store atomically
+/// with the write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PutCondition {
-    /// Always (`set`).
-    Always,
-    /// Only if no live item has the key (`add`).
-    Absent,
-    /// Only if a live item has the key (`replace`).
-    Live,
-    /// Only if the live item's version is this one (`cas`, and the
-    /// read-modify-write of `append`, `prepend`, `incr`, `decr`).
-    Version(u64),
+pub enum Expect {
+    /// No item at all (never written, or its tombstone swept by TTL).
+    Missing,
+    /// The item of this version (a live one if `live`, under the write's view).
+    Version { version: u64, live: bool },
 }
 
-/// The result of a conditional put.
+impl Expect {
+    /// What to expect to replace `item` (`None`: the key holds nothing).
+    pub fn of(item: Option<&Item>, view: View) -> Expect {
+        match item {
+            None => Expect::Missing,
+            Some(item) => Expect::Version {
+                version: item.version,
+                live: item.is_live(view),
+            },
+        }
+    }
+}
+
+/// A write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change<'a> {
+    /// The whole item.
+    Put(&'a Item),
+    /// Only the expiry and the version (touch): the value is not sent again.
+    Retime { expires_at: u32, version: u64 },
+}
+
+impl Change<'_> {
+    /// The version the key holds once this is written.
+    pub fn version(&self) -> u64 {
+        match self {
+            Change::Put(item) => item.version,
+            Change::Retime { version, .. } => *version,
+        }
+    }
+}
+
+/// How a conditional write ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PutResult {
-    Stored,
-    /// The condition did not hold; `current` is the live item the key holds
-    /// now, read in the same round trip.
-    Failed {
-        current: Option<StoredItem>,
-    },
+pub enum Written {
+    Done,
+    /// The key did not hold what was expected; this is what it holds (as
+    /// it is: expired items and tombstones included), read in the same
+    /// round trip.
+    Conflict(Option<Item>),
 }
 
-/// Why a store call failed. Every variant reaches the client as an explicit
-/// error reply, never as a miss.
+/// Why a store call failed. Every variant reaches the client as a short,
+/// explicit error reply, never as a miss; details go to the log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The key cannot be held by the table's key attribute.
@@ -95,16 +150,33 @@ pub enum StoreError {
     Timeout,
     #[error("dynamodb throttled the request")]
     Throttled,
-    #[error("dynamodb unreachable: {0}")]
-    Unavailable(String),
-    #[error("dynamodb error: {0}")]
-    Service(String),
+    #[error("dynamodb unreachable")]
+    Unavailable,
+    /// DynamoDB answered with a server error (5xx): the request may or may
+    /// not have been applied.
+    #[error("dynamodb internal error")]
+    Internal,
+    /// DynamoDB refused the request (4xx); the AWS error code.
+    #[error("dynamodb rejected the request: {0}")]
+    Rejected(String),
     /// A read-modify-write lost the race for a key too many times in a row.
     #[error("too much contention on this key, try again")]
     Contention,
     /// The table holds an item this program cannot read (wrong attribute types).
     #[error("bad item in table: {0}")]
     BadItem(String),
+}
+
+impl StoreError {
+    /// Whether a write that failed this way may still be applied: it timed
+    /// out, its connection failed, or DynamoDB failed inside. The engine
+    /// then fences the key (see `engine::write`).
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Timeout | StoreError::Unavailable | StoreError::Internal
+        )
+    }
 }
 
 /// What the engine needs from durable storage.
@@ -116,64 +188,38 @@ pub trait Store: Send + Sync + 'static {
     /// names and numbers), to keep items under the store's size limit.
     fn item_overhead(&self) -> usize;
 
-    /// The live item for `key`, read strongly consistently where the store
-    /// offers a choice and the settings ask for it.
-    fn get(
-        &self,
-        key: &[u8],
-        view: View,
-    ) -> impl Future<Output = Result<Option<StoredItem>, StoreError>> + Send;
+    /// The item at `key` as it is (expired or a tombstone included), read
+    /// strongly consistently where the store offers a choice and the
+    /// settings ask for it.
+    fn get(&self, key: &[u8]) -> impl Future<Output = Result<Option<Item>, StoreError>> + Send;
 
-    /// The live items for several distinct keys, in `keys` order.
-    /// One call may cost several round trips (DynamoDB: BatchGetItem, 100
-    /// keys each, unprocessed keys retried); any failure fails them all.
+    /// The items at several distinct keys, in `keys` order. One call may cost
+    /// several round trips (DynamoDB: BatchGetItem, 100 keys each,
+    /// unprocessed keys retried); any failure fails them all.
     fn get_many(
         &self,
         keys: &[&[u8]],
-        view: View,
-    ) -> impl Future<Output = Result<Vec<Option<StoredItem>>, StoreError>> + Send {
+    ) -> impl Future<Output = Result<Vec<Option<Item>>, StoreError>> + Send {
         async move {
             let mut items = Vec::with_capacity(keys.len());
             for key in keys {
-                items.push(self.get(key, view).await?);
+                items.push(self.get(key).await?);
             }
             Ok(items)
         }
     }
 
-    /// Writes `item` if `condition` holds under `view`.
-    fn put(
+    /// Writes `change` if the key holds what `expect` says (liveness judged
+    /// under `view`). Retrying the same call is safe: a write that already
+    /// landed comes back as a conflict holding its own version.
+    fn write(
         &self,
         key: &[u8],
-        item: &StoredItem,
-        condition: PutCondition,
+        change: Change<'_>,
+        expect: Expect,
         view: View,
-    ) -> impl Future<Output = Result<PutResult, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Written, StoreError>> + Send;
 
-    /// Deletes `key`; returns whether a live item was there.
-    fn delete(
-        &self,
-        key: &[u8],
-        view: View,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-
-    /// Sets the expiry of the live item at `key`; returns the item as it now
-    /// is (expired, if `expires_at` is already past), or None if there was
-    /// no live item.
-    fn touch(
-        &self,
-        key: &[u8],
-        expires_at: u32,
-        view: View,
-    ) -> impl Future<Output = Result<Option<StoredItem>, StoreError>> + Send;
-
-    /// The time of the last `flush_all` (as a version: items below it are
-    /// flushed once it has passed), or 0 if there was none.
-    fn flush_marker(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
-
-    /// Records a `flush_all` taking effect at `flushed_before`.
-    fn set_flush_marker(
-        &self,
-        flushed_before: u64,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Whether the store can serve now (for `/readyz`): Ok, or the reason.
+    fn ready(&self) -> impl Future<Output = Result<(), String>> + Send;
 }

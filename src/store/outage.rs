@@ -40,11 +40,13 @@ impl OutageLog {
         }
     }
 
-    /// A call failed: warns if this starts an episode.
-    pub fn failed(&self, error: &StoreError) {
+    /// A call failed: warns if this starts an episode, with the SDK's
+    /// `detail` (the client was told only `error`).
+    pub fn failed(&self, error: &StoreError, detail: &str) {
         if self.failed_at(Instant::now()) {
             tracing::warn!(
                 %error,
+                detail,
                 "dynamodb calls are failing: requests that need DynamoDB get SERVER_ERROR until it answers (logged once per outage; failures are counted in dynacache_dynamodb_requests_total)"
             );
         }

@@ -22,14 +22,14 @@ use std::time::{Duration, Instant};
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::Credentials;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use dynacache::cache::ItemCache;
+use dynacache::config::Config;
 use dynacache::engine::{Engine, EngineOptions};
-use dynacache::protocol::Limits;
-use dynacache::server::{self, ServeOptions};
-use dynacache::store::{DynamoSettings, DynamoStore, Store, TableSettings};
+use dynacache::listener::Listener;
+use dynacache::server::{self, Running};
+use dynacache::store::{DynamoSettings, DynamoStore, TableSettings};
 
 /// The access key DynamoDB Local accepts: letters and digits only.
 pub const ACCESS_KEY: &str = "local";
@@ -196,12 +196,27 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// dynacache served in-process on 127.0.0.1:<ephemeral> over a real socket.
+/// dynacache served in-process on 127.0.0.1:<ephemeral> over a real socket,
+/// started by the library's composition root as the binary starts it.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub admin: SocketAddr,
     pub engine: Arc<Engine<DynamoStore>>,
+    running: Option<Running<DynamoStore>>,
     shutdown: CancellationToken,
-    task: Option<tokio::task::JoinHandle<bool>>,
+}
+
+/// A configuration for a test server on `settings`' table.
+pub fn test_config(settings: DynamoSettings) -> Config {
+    Config {
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        max_connections: 256,
+        cache_shards: 4,
+        shutdown_grace: Duration::from_secs(5),
+        dynamodb: settings,
+        ..Config::default()
+    }
 }
 
 impl TestServer {
@@ -219,38 +234,32 @@ impl TestServer {
         engine_options: EngineOptions,
         idle_timeout: Option<Duration>,
     ) -> TestServer {
-        let store = connect(settings).await;
-        let limits = Limits {
-            item_overhead: store.item_overhead(),
-            ..Limits::default()
+        let config = Config {
+            memory_limit: bytesize::ByteSize::b(memory_limit),
+            max_local_age: engine_options.max_local_age,
+            stale_on_error: engine_options.stale_on_error,
+            flush_enabled: engine_options.flush_enabled,
+            idle_timeout: idle_timeout.unwrap_or_default(),
+            ..test_config(settings)
         };
-        let cache = ItemCache::new(memory_limit, 4);
-        let engine = Arc::new(Engine::with_options(cache, store, engine_options));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let options = ServeOptions {
-            limits,
-            max_connections: 64,
-            shutdown_grace: Duration::from_secs(5),
-            idle_timeout,
-        };
-        // As the binary does: adopt an earlier flush_all, then keep looking.
-        let _ = engine.refresh_flush_marker().await; // may be down: tests of outages
-        let upkeep = engine.clone();
-        let upkeep_shutdown = shutdown.clone();
-        tokio::spawn(async move { upkeep.run_upkeep(upkeep_shutdown).await });
-        let task = tokio::spawn(server::serve(
-            vec![listener.into()],
-            engine.clone(),
-            options,
-            shutdown.clone(),
-        ));
+        TestServer::with_config(config).await
+    }
+
+    /// A server of `config` (its `listen` is replaced by 127.0.0.1:<ephemeral>).
+    pub async fn with_config(config: Config) -> TestServer {
+        let store = connect(config.dynamodb.clone()).await;
+        let listener = Listener::bind_tcp("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let running = server::start_on(vec![listener], &config, store, None)
+            .await
+            .unwrap();
         TestServer {
-            addr,
-            engine,
-            shutdown,
-            task: Some(task),
+            addr: running.tcp.unwrap(),
+            admin: running.admin,
+            engine: running.engine.clone(),
+            shutdown: running.shutdown_token(),
+            running: Some(running),
         }
     }
 
@@ -260,8 +269,7 @@ impl TestServer {
 
     /// Stops serving; returns whether connections drained within the grace period.
     pub async fn stop(mut self) -> bool {
-        self.shutdown.cancel();
-        self.task.take().unwrap().await.unwrap()
+        self.running.take().unwrap().stop().await
     }
 }
 
@@ -291,6 +299,14 @@ impl McClient {
 
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Sends `bytes` unless the server closed the connection (bounded by [`WAIT`]).
+    pub async fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match tokio::time::timeout(WAIT, self.stream.write_all(bytes)).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
     }
 
     /// Sends `request` and reads one whole reply (all of a retrieval's values and END).
@@ -333,6 +349,27 @@ impl McClient {
                 }
             }
             return String::from_utf8_lossy(&reply).into_owned();
+        }
+    }
+
+    /// `stats` (or `stats <group>`): every `STAT` line up to `END`, by name.
+    pub async fn stats(&mut self, group: &str) -> std::collections::HashMap<String, String> {
+        let request = match group {
+            "" => "stats\r\n".to_string(),
+            group => format!("stats {group}\r\n"),
+        };
+        self.send(request.as_bytes()).await;
+        let mut stats = std::collections::HashMap::new();
+        loop {
+            let line = String::from_utf8(self.line().await).unwrap();
+            let line = line.trim_end();
+            if line == "END" {
+                return stats;
+            }
+            let mut parts = line.splitn(3, ' ');
+            assert_eq!(parts.next(), Some("STAT"), "{line}");
+            let name = parts.next().unwrap().to_string();
+            stats.insert(name, parts.next().unwrap_or_default().to_string());
         }
     }
 
@@ -415,6 +452,21 @@ pub async fn table_item(
         .await
         .unwrap()
         .item
+}
+
+/// The item a reader would see for `key` in DynamoDB: none if the table
+/// holds nothing, an expired item, or a delete's tombstone (empty, expired).
+pub async fn live_item(
+    client: &Client,
+    settings: &DynamoSettings,
+    key: &str,
+) -> Option<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>> {
+    let item = table_item(client, settings, key).await?;
+    let expired = match item.get(&settings.expiry_attribute) {
+        Some(aws_sdk_dynamodb::types::AttributeValue::N(at)) => at.parse::<u64>().unwrap() <= now(),
+        _ => false,
+    };
+    (!expired).then_some(item)
 }
 
 pub fn now() -> u64 {

@@ -182,6 +182,15 @@ class DynamoDB:
     def session_item(self, table, session_key):
         return self.item(table, SESSION_ITEM_PREFIX + session_key)
 
+    def live_session_item(self, table, session_key):
+        """The session's item as a reader sees it: None once expired or deleted
+        (a delete leaves an empty, already expired tombstone that DynamoDB's TTL
+        removes; a late write of an older value cannot land on it)."""
+        item = self.session_item(table, session_key)
+        if item is None or int(item.get("expires_at", {"N": "0"})["N"]) not in range(1, int(time.time()) + 1):
+            return item
+        return None
+
 
 def session_data(item):
     """The session dict a table item holds (pymemcache's pickle serde, flags 1)."""
