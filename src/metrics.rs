@@ -34,6 +34,7 @@ pub const CACHE_COALESCED: &str = "dynacache_cache_coalesced_misses_total";
 pub const CACHE_STALE_SERVED: &str = "dynacache_cache_stale_served_total";
 pub const CACHE_REVALIDATIONS: &str = "dynacache_cache_revalidations_total";
 pub const WRITES_FENCED: &str = "dynacache_writes_fenced_total";
+pub const WRITES: &str = "dynacache_writes_total";
 pub const DYNAMODB_RETRIES: &str = "dynacache_dynamodb_retries_total";
 pub const DYNAMODB_READ_CAPACITY: &str = "dynacache_dynamodb_consumed_read_capacity_units_total";
 pub const DYNAMODB_WRITE_CAPACITY: &str = "dynacache_dynamodb_consumed_write_capacity_units_total";
@@ -143,6 +144,12 @@ pub enum Event {
     CacheStaleServed,
     /// Writes of unknown outcome made harmless (see `engine::write`).
     WritesFenced,
+    /// Writes through the write path that changed the item...
+    WritesDone,
+    /// ...that were refused on what DynamoDB holds (`NOT_STORED`, ...)...
+    WritesRefused,
+    /// ...and that failed (an error answered).
+    WritesFailed,
 }
 
 impl Event {
@@ -156,12 +163,32 @@ impl Event {
                 | Event::CacheRevalidations
                 | Event::CacheStaleServed
                 | Event::WritesFenced
+                | Event::WritesDone
+                | Event::WritesRefused
+                | Event::WritesFailed
         )
     }
 
-    /// The Prometheus counter this event is, with its help text.
-    fn prometheus(self) -> Option<(&'static str, &'static str)> {
-        Some(match self {
+    /// The Prometheus counter this event is, its help text, and the label
+    /// that tells it from the family's other events.
+    fn prometheus(
+        self,
+    ) -> Option<(
+        &'static str,
+        &'static str,
+        Option<(&'static str, &'static str)>,
+    )> {
+        let writes = "Writes through the write path, by result: done (DynamoDB changed), refused (decided on what DynamoDB holds: NOT_STORED, EXISTS, NOT_FOUND), failed (an error answered).";
+        let labelled = match self {
+            Event::WritesDone => Some((WRITES, writes, Some(("result", "done")))),
+            Event::WritesRefused => Some((WRITES, writes, Some(("result", "refused")))),
+            Event::WritesFailed => Some((WRITES, writes, Some(("result", "failed")))),
+            _ => None,
+        };
+        if labelled.is_some() {
+            return labelled;
+        }
+        let (name, help) = match self {
             Event::CacheHits => (CACHE_HITS, "Keys served from memory."),
             Event::CacheMisses => (
                 CACHE_MISSES,
@@ -192,7 +219,8 @@ impl Event {
                 "Connections refused with ERROR Too many open connections, all slots being taken.",
             ),
             _ => return None,
-        })
+        };
+        Some((name, help, None))
     }
 }
 
@@ -374,10 +402,23 @@ impl Counters {
                 }
             }
         }
+        let mut last_family = "";
         for event in Event::VARIANTS {
-            if let Some((name, help)) = event.prometheus() {
+            let Some((name, help, label)) = event.prometheus() else {
+                continue;
+            };
+            if name != last_family {
                 family(out, name, "counter", help);
-                let _ = writeln!(out, "{name} {}", self.get(*event));
+                last_family = name;
+            }
+            let n = self.get(*event);
+            match label {
+                Some((label, value)) => {
+                    let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+                }
+                None => {
+                    let _ = writeln!(out, "{name} {n}");
+                }
             }
         }
         let gauges: [(&str, &str, &str, u64); 7] = [

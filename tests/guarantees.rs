@@ -612,3 +612,145 @@ async fn a_client_that_never_reads_is_closed_by_write_timeout() {
             .starts_with("VALUE big 0 307200")
     );
 }
+
+/// A write whose request is held in the network past its timeout (so its
+/// client is answered `SERVER_ERROR`), and lands in DynamoDB only after a
+/// later write was acknowledged: the later write stays, in the table and in
+/// every sidecar's cache. For every kind of write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_write_never_overwrites_an_acknowledged_one() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let proxy = FaultProxy::start(&db.endpoint).await;
+    let late_side = TestServer::start(via(&proxy, &settings)).await;
+    let other = TestServer::start(settings.clone()).await;
+    let mut a = late_side.client().await;
+    let mut b = other.client().await;
+    // (key, set-up through a, the write that lands late, its operation,
+    //  the later writes through the other sidecar with their answers, what
+    //  every reader must then see)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        &'a str,
+    );
+    let cases: [Case; 9] = [
+        (
+            "set",
+            "set set 0 0 2\r\nv0\r\n",
+            "set set 0 0 4\r\nlate\r\n",
+            "PutItem",
+            &[("set set 0 0 3\r\nnew\r\n", "STORED\r\n")],
+            "new",
+        ),
+        (
+            "add",
+            "",
+            "add add 0 0 4\r\nlate\r\n",
+            "PutItem",
+            &[("set add 0 0 3\r\nnew\r\n", "STORED\r\n")],
+            "new",
+        ),
+        (
+            "gone",
+            "",
+            "add gone 0 0 4\r\nlate\r\n",
+            "PutItem",
+            &[
+                ("set gone 0 0 3\r\nnew\r\n", "STORED\r\n"),
+                ("delete gone\r\n", "DELETED\r\n"),
+            ],
+            "",
+        ),
+        (
+            "cas",
+            "set cas 0 0 2\r\nv0\r\n",
+            "cas cas 0 0 4 {unique}\r\nlate\r\n",
+            "PutItem",
+            &[("set cas 0 0 3\r\nnew\r\n", "STORED\r\n")],
+            "new",
+        ),
+        (
+            "del",
+            "set del 0 0 2\r\nv0\r\n",
+            "delete del\r\n",
+            "PutItem",
+            &[("set del 0 0 3\r\nnew\r\n", "STORED\r\n")],
+            "new",
+        ),
+        (
+            "incr",
+            "set incr 0 0 2\r\n10\r\n",
+            "incr incr 5\r\n",
+            "PutItem",
+            &[("set incr 0 0 3\r\n100\r\n", "STORED\r\n")],
+            "100",
+        ),
+        (
+            "app",
+            "set app 0 0 2\r\nv0\r\n",
+            "append app 0 0 1\r\nx\r\n",
+            "PutItem",
+            &[("set app 0 0 3\r\nnew\r\n", "STORED\r\n")],
+            "new",
+        ),
+        (
+            "touch",
+            "set touch 0 0 2\r\nv0\r\n",
+            "touch touch -1\r\n",
+            "UpdateItem",
+            &[("set touch 0 0 3\r\nnew\r\n", "STORED\r\n")],
+            "new",
+        ),
+        (
+            "ms",
+            "set ms 0 0 2\r\nv0\r\n",
+            "ms ms 4 T0\r\nlate\r\n",
+            "PutItem",
+            &[("md ms\r\n", "HD\r\n")],
+            "",
+        ),
+    ];
+    let mut late = 0;
+    for (key, setup, write, operation, later, wanted) in cases {
+        let context = format!("late {write:?} after {later:?}");
+        if !setup.is_empty() {
+            assert!(!a.call(setup.as_bytes()).await.starts_with("SERVER_ERROR"));
+        }
+        let unique = a.call(format!("gets {key}\r\n").as_bytes()).await;
+        let unique = unique.split_whitespace().nth(4).unwrap_or("0").to_string();
+        let write = write.replace("{unique}", &unique);
+        proxy.hold_requests(operation, 1);
+        let answer = a.call(write.as_bytes()).await;
+        assert_eq!(answer, "SERVER_ERROR dynamodb timed out\r\n", "{context}");
+        // Another client, told of the failure, writes again; acknowledged.
+        for (request, acknowledged) in later {
+            assert_eq!(b.call(request.as_bytes()).await, *acknowledged, "{context}");
+        }
+        // Now the old request reaches DynamoDB.
+        proxy.release_requests();
+        late += 1;
+        proxy.wait_late_delivered(late).await;
+        let expected = match wanted {
+            "" => "END\r\n".to_string(),
+            value => format!("VALUE {key} 0 {}\r\n{value}\r\nEND\r\n", value.len()),
+        };
+        for (side, client) in [("late sidecar", &mut a), ("other sidecar", &mut b)] {
+            let got = client.call(format!("get {key}\r\n").as_bytes()).await;
+            assert_eq!(got, expected, "{context}: {side}");
+        }
+        let item = live_item(&db.client(), &settings, key).await;
+        match wanted {
+            "" => assert!(item.is_none(), "{context}: table"),
+            value => {
+                let AttributeValue::B(stored) = &item.unwrap()["value"] else {
+                    panic!("binary value")
+                };
+                assert_eq!(stored.as_ref(), value.as_bytes(), "{context}: table");
+            }
+        }
+    }
+}

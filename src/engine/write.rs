@@ -332,8 +332,15 @@ impl<S: Store> Engine<S> {
         let refusal = match result {
             Ok(Done::Written(_)) => None,
             Ok(Done::Refused(refusal, _)) => Some(*refusal),
-            Err(_) => return,
+            Err(_) => {
+                self.counters.record(Event::WritesFailed);
+                return;
+            }
         };
+        self.counters.record(match refusal {
+            None => Event::WritesDone,
+            Some(_) => Event::WritesRefused,
+        });
         let events: &[Event] = match (op, refusal) {
             (Op::Store { cas: Some(_), .. }, None) => &[Event::CasHits, Event::TotalItems],
             (Op::Store { cas: Some(_), .. }, Some(Refusal::Exists)) => &[Event::CasBadval],

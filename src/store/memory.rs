@@ -7,14 +7,25 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::{Change, Expect, Item, Store, StoreError, View, Written};
 
+/// A write that timed out, as it would still reach the table.
+struct Late {
+    key: Vec<u8>,
+    put: Option<Item>,
+    retime: (u32, u64),
+    expect: Expect,
+    view: View,
+}
+
 #[derive(Default)]
 pub struct MemoryStore {
     items: Mutex<HashMap<Vec<u8>, Item>>,
     /// While set, every call fails as DynamoDB does in an outage.
     failing: AtomicBool,
     /// While set, writes are not applied and answer a timeout (their
-    /// outcome unknown to the caller), as a write stuck in the network.
+    /// outcome unknown to the caller), as a write stuck in the network; they
+    /// are kept, to land later ([`MemoryStore::land_late`]).
     timing_out: AtomicBool,
+    late: Mutex<Vec<Late>>,
     calls: AtomicU64,
     /// While set, another writer changes an item just before every write
     /// that expects a version of it, so those writes always lose the race.
@@ -34,6 +45,25 @@ impl MemoryStore {
     /// Makes every later write time out without being applied.
     pub fn set_timing_out(&self, timing_out: bool) {
         self.timing_out.store(timing_out, Ordering::SeqCst);
+    }
+
+    /// Applies, in order, the writes that timed out: what happens when a
+    /// write stuck in the network reaches the table after all.
+    pub fn land_late(&self) -> Vec<Written> {
+        let late = std::mem::take(&mut *self.late.lock().unwrap());
+        let mut items = self.items.lock().unwrap();
+        late.into_iter()
+            .map(|w| {
+                let change = match &w.put {
+                    Some(item) => Change::Put(item),
+                    None => Change::Retime {
+                        expires_at: w.retime.0,
+                        version: w.retime.1,
+                    },
+                };
+                apply(&mut items, &w.key, change, w.expect, w.view)
+            })
+            .collect()
     }
 
     /// Makes every version-conditioned write lose to a simulated other writer.
@@ -87,6 +117,20 @@ impl Store for MemoryStore {
     ) -> Result<Written, StoreError> {
         let mut items = self.enter()?;
         if self.timing_out.load(Ordering::SeqCst) {
+            let (put, retime) = match change {
+                Change::Put(item) => (Some(item.clone()), (0, 0)),
+                Change::Retime {
+                    expires_at,
+                    version,
+                } => (None, (expires_at, version)),
+            };
+            self.late.lock().unwrap().push(Late {
+                key: key.to_vec(),
+                put,
+                retime,
+                expect,
+                view,
+            });
             return Err(StoreError::Timeout);
         }
         if let Expect::Version { .. } = expect
@@ -95,6 +139,26 @@ impl Store for MemoryStore {
         {
             item.version += 1;
         }
+        Ok(apply(&mut items, key, change, expect, view))
+    }
+
+    async fn ready(&self) -> Result<(), String> {
+        match self.failing.load(Ordering::SeqCst) {
+            true => Err("memory store set to fail".into()),
+            false => Ok(()),
+        }
+    }
+}
+
+/// A conditional write, as DynamoDB decides it.
+fn apply(
+    items: &mut HashMap<Vec<u8>, Item>,
+    key: &[u8],
+    change: Change<'_>,
+    expect: Expect,
+    view: View,
+) -> Written {
+    {
         let current = items.get(key);
         let holds = match (expect, current) {
             (Expect::Missing, None) => true,
@@ -104,28 +168,21 @@ impl Store for MemoryStore {
             _ => false,
         };
         if !holds {
-            return Ok(Written::Conflict(current.cloned()));
-        }
-        match change {
-            Change::Put(item) => {
-                items.insert(key.to_vec(), item.clone());
-            }
-            Change::Retime {
-                expires_at,
-                version,
-            } => {
-                let item = items.get_mut(key).expect("a version was expected");
-                item.expires_at = expires_at;
-                item.version = version;
-            }
-        }
-        Ok(Written::Done)
-    }
-
-    async fn ready(&self) -> Result<(), String> {
-        match self.failing.load(Ordering::SeqCst) {
-            true => Err("memory store set to fail".into()),
-            false => Ok(()),
+            return Written::Conflict(current.cloned());
         }
     }
+    match change {
+        Change::Put(item) => {
+            items.insert(key.to_vec(), item.clone());
+        }
+        Change::Retime {
+            expires_at,
+            version,
+        } => {
+            let item = items.get_mut(key).expect("a version was expected");
+            item.expires_at = expires_at;
+            item.version = version;
+        }
+    }
+    Written::Done
 }

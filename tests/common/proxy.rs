@@ -38,6 +38,14 @@ struct Shared {
     hold_budget: AtomicU64,
     held: AtomicU64,
     release: Notify,
+    /// Requests of this operation are held before they reach DynamoDB...
+    hold_requests_op: Mutex<Option<String>>,
+    /// ...this many of them...
+    hold_requests_budget: AtomicU64,
+    /// ...until released; then each is sent on a connection of its own (its
+    /// client may have given up on it long ago) and counted here.
+    late_delivered: AtomicU64,
+    release_requests: Notify,
     calls: Mutex<HashMap<String, u64>>,
 }
 
@@ -63,6 +71,10 @@ impl FaultProxy {
             hold_budget: AtomicU64::new(0),
             held: AtomicU64::new(0),
             release: Notify::new(),
+            hold_requests_op: Mutex::new(None),
+            hold_requests_budget: AtomicU64::new(0),
+            late_delivered: AtomicU64::new(0),
+            release_requests: Notify::new(),
             calls: Mutex::new(HashMap::new()),
         });
         let s = shared.clone();
@@ -106,6 +118,34 @@ impl FaultProxy {
         *self.shared.hold_op.lock().unwrap() = None;
         self.shared.hold_budget.store(0, Ordering::SeqCst);
         self.shared.release.notify_waiters();
+    }
+
+    /// Holds the next `count` requests of `operation` before they reach
+    /// DynamoDB: the client times out and is answered, and the request lands
+    /// later, at [`FaultProxy::release_requests`] (a write stuck in the
+    /// network). Calls are counted when they arrive at the proxy.
+    pub fn hold_requests(&self, operation: &str, count: u64) {
+        *self.shared.hold_requests_op.lock().unwrap() = Some(operation.to_string());
+        self.shared
+            .hold_requests_budget
+            .store(count, Ordering::SeqCst);
+    }
+
+    /// Lets held requests reach DynamoDB now.
+    pub fn release_requests(&self) {
+        *self.shared.hold_requests_op.lock().unwrap() = None;
+        self.shared.hold_requests_budget.store(0, Ordering::SeqCst);
+        self.shared.release_requests.notify_waiters();
+    }
+
+    /// Waits (bounded) until `n` held requests have reached DynamoDB and it
+    /// has answered them.
+    pub async fn wait_late_delivered(&self, n: u64) {
+        let deadline = Instant::now() + super::WAIT;
+        while self.shared.late_delivered.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "held requests never landed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Responses being held now.
@@ -207,9 +247,24 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
                     }
                     Fault::Pass => {}
                 }
-                if let Some(op) = op {
+                if let Some(op) = &op {
                     *last_op.lock().unwrap() = op.clone();
-                    *shared.calls.lock().unwrap().entry(op).or_default() += 1;
+                    *shared.calls.lock().unwrap().entry(op.clone()).or_default() += 1;
+                }
+                let hold = op.as_deref().is_some_and(|op| {
+                    shared.hold_requests_op.lock().unwrap().as_deref() == Some(op)
+                        && shared
+                            .hold_requests_budget
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok()
+                });
+                if hold {
+                    let Some(request) = whole_request(&mut client_rd, buf[..n].to_vec()).await
+                    else {
+                        return;
+                    };
+                    tokio::spawn(deliver_late(request, shared.clone()));
+                    continue;
                 }
                 let delay = shared.delay_ms.load(Ordering::SeqCst);
                 if delay > 0 {
@@ -257,6 +312,49 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
         _ = requests => {}
         _ = responses => {}
     }
+}
+
+/// Reads the rest of the HTTP request whose first bytes are `start`
+/// (headers, then `Content-Length` bytes of body).
+async fn whole_request(
+    client: &mut tokio::net::tcp::OwnedReadHalf,
+    mut request: Vec<u8>,
+) -> Option<Vec<u8>> {
+    loop {
+        if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if request.len() >= end + 4 + length {
+                return Some(request);
+            }
+        }
+        let mut chunk = vec![0u8; 64 * 1024];
+        match client.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => request.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Waits for [`FaultProxy::release_requests`], then sends `request` to
+/// DynamoDB on a connection of its own and reads its answer.
+async fn deliver_late(request: Vec<u8>, shared: Arc<Shared>) {
+    let released = shared.release_requests.notified();
+    if shared.hold_requests_op.lock().unwrap().is_some() {
+        released.await;
+    }
+    if let Ok(mut upstream) = TcpStream::connect(shared.upstream).await
+        && upstream.write_all(&request).await.is_ok()
+    {
+        // One response: its head, then whatever body comes with it.
+        let mut answer = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_secs(10), upstream.read(&mut answer)).await;
+    }
+    shared.late_delivered.fetch_add(1, Ordering::SeqCst);
 }
 
 /// The DynamoDB operation named in a request's `X-Amz-Target` header, if
