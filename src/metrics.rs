@@ -171,13 +171,7 @@ impl Event {
 
     /// The Prometheus counter this event is, its help text, and the label
     /// that tells it from the family's other events.
-    fn prometheus(
-        self,
-    ) -> Option<(
-        &'static str,
-        &'static str,
-        Option<(&'static str, &'static str)>,
-    )> {
+    fn prometheus(self) -> Option<Family> {
         let writes = "Writes through the write path, by result: done (DynamoDB changed), refused (decided on what DynamoDB holds: NOT_STORED, EXISTS, NOT_FOUND), failed (an error answered).";
         let labelled = match self {
             Event::WritesDone => Some((WRITES, writes, Some(("result", "done")))),
@@ -223,6 +217,14 @@ impl Event {
         Some((name, help, None))
     }
 }
+
+/// A Prometheus counter family, its help text, and the label that tells one
+/// of its series from the others.
+type Family = (
+    &'static str,
+    &'static str,
+    Option<(&'static str, &'static str)>,
+);
 
 /// How a request ended, for `dynacache_commands_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, EnumCount, IntoStaticStr, VariantArray)]
