@@ -19,6 +19,27 @@ use crate::store::{DynamoSettings, TableSettings};
 /// DynamoDB's item size limit: key, value and attribute names included.
 pub const DYNAMODB_ITEM_MAX: u64 = 400 * 1024;
 
+/// Most `cache_shards`: 8192 cores' worth at the automatic 8 per core, and
+/// the shards' fixed cost (about 112 bytes each, allocated at start-up)
+/// stays near 7 MiB; 100 million shards asked for 15 GB before serving.
+pub const CACHE_SHARDS_MAX: usize = 65536;
+
+/// Least share of `memory_limit` per cache shard. Each shard evicts by its
+/// own LRU order and never caches an item larger than its share: below
+/// 64 KiB (a few hundred small entries) eviction strays far from the
+/// cache-wide LRU order, and every item above the share goes uncached.
+pub const SHARD_SHARE_MIN: u64 = 64 * 1024;
+
+/// File descriptors kept beside client connections, within the process's
+/// open-file limit: DynamoDB's HTTP connection pool, the listeners, the
+/// metrics listener and its scrapes, and log or standard files.
+pub const RESERVED_FILES: u64 = 64;
+
+/// Most `request_timeout` and `write_timeout`: they bound how long a stalled
+/// client holds its connection slot, which past a day is no bound at all
+/// (and values near `Duration`'s range overflow the deadline arithmetic).
+pub const CLIENT_TIMEOUT_MAX: Duration = Duration::from_secs(24 * 60 * 60);
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -38,10 +59,12 @@ pub struct Config {
     #[serde(with = "byte_size")]
     pub item_size_max: ByteSize,
     /// Connections served at once; more are refused (`ERROR Too many open connections`).
+    /// At most the hard open-file limit less [`RESERVED_FILES`].
     pub max_connections: usize,
-    /// Cache shards; 0 picks 8 per core.
+    /// Cache shards; 0 picks 8 per core. At most [`CACHE_SHARDS_MAX`], and
+    /// at most one per [`SHARD_SHARE_MIN`] of `memory_limit`.
     pub cache_shards: usize,
-    /// How long shutdown waits for in-flight requests.
+    /// How long shutdown waits for in-flight requests; 0 = not at all.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// A cached entry older than this is re-read from DynamoDB before it is
@@ -217,8 +240,14 @@ impl Config {
         (self.listen.port() != 0).then_some(self.listen)
     }
 
-    /// Checks what types alone cannot.
+    /// Checks what types alone cannot, including the bounds this machine
+    /// sets (its open-file limit and physical memory).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_on(&Machine::this())
+    }
+
+    /// [`Config::validate`] against `machine`'s limits.
+    fn validate_on(&self, machine: &Machine) -> Result<(), ConfigError> {
         if self.tcp_listen().is_none() && self.unix_socket.is_none() {
             return Err(invalid(
                 "listen",
@@ -282,8 +311,57 @@ impl Config {
                 format!("{url:?} is not an http(s) URL"),
             ));
         }
-        if self.memory_limit.as_u64() == 0 {
+        let memory = self.memory_limit.as_u64();
+        if memory == 0 {
             return Err(invalid("memory_limit", "must be above zero"));
+        }
+        // The cache would be swapped or OOM-killed long before it filled.
+        // A container's cgroup limit (memory.max) is usually lower still; it
+        // is not read here, so keep memory_limit well below it: the process,
+        // its connection buffers and the DynamoDB client need room too.
+        if let Some(physical) = machine.physical_memory
+            && memory > physical
+        {
+            return Err(invalid(
+                "memory_limit",
+                format!(
+                    "{} is more than this machine's physical memory, {} (MemTotal in /proc/meminfo)",
+                    self.memory_limit,
+                    ByteSize::b(physical)
+                ),
+            ));
+        }
+        // 0 is automatic (8 per core); see CACHE_SHARDS_MAX and SHARD_SHARE_MIN.
+        if self.cache_shards != 0 {
+            if self.cache_shards > CACHE_SHARDS_MAX {
+                return Err(invalid(
+                    "cache_shards",
+                    format!(
+                        "{} is more than {CACHE_SHARDS_MAX}; 0 picks 8 per core",
+                        self.cache_shards
+                    ),
+                ));
+            }
+            // The cache rounds the count up to a power of two; one shard is
+            // always allowed, however small the budget.
+            let most = max_shards(memory);
+            if self.cache_shards > most {
+                let rounded = self.cache_shards.next_power_of_two();
+                let rounding = if rounded == self.cache_shards {
+                    String::new()
+                } else {
+                    format!(" (rounded up to {rounded})")
+                };
+                return Err(invalid(
+                    "cache_shards",
+                    format!(
+                        "{} shards{rounding} would leave each less than {} of memory_limit ({}): use at most {most}, or 0 for automatic",
+                        self.cache_shards,
+                        ByteSize::b(SHARD_SHARE_MIN),
+                        self.memory_limit,
+                    ),
+                ));
+            }
         }
         if !(1024..=DYNAMODB_ITEM_MAX).contains(&self.item_size_max.as_u64()) {
             return Err(invalid(
@@ -296,6 +374,41 @@ impl Config {
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be at least 1"));
         }
+        // Every connection is a file descriptor, and the process needs some
+        // of its own (RESERVED_FILES). The hard limit is the most the
+        // process could raise its soft limit to.
+        if let Some(hard) = machine.open_files {
+            let most = hard.saturating_sub(RESERVED_FILES);
+            let wanted = self.max_connections as u64;
+            if wanted > most {
+                let fit = if most == 0 {
+                    String::new()
+                } else {
+                    format!("use at most {most}, or ")
+                };
+                return Err(invalid(
+                    "max_connections",
+                    format!(
+                        "{wanted} connections and {RESERVED_FILES} files for DynamoDB, the listeners and logs need {} open files, but this process may open at most {hard} (its hard RLIMIT_NOFILE): {fit}raise that limit (`ulimit -n` in the shell that starts dynacache, LimitNOFILE= in its systemd unit, `--ulimit nofile=` for docker)",
+                        wanted.saturating_add(RESERVED_FILES)
+                    ),
+                ));
+            }
+        }
+        // Zero would close every request that does not arrive in one read,
+        // and every reply the socket cannot take at once.
+        for (key, timeout) in [
+            ("request_timeout", self.request_timeout),
+            ("write_timeout", self.write_timeout),
+        ] {
+            if timeout.is_zero() || timeout > CLIENT_TIMEOUT_MAX {
+                return Err(invalid(key, "must be above zero and at most 1 day"));
+            }
+        }
+        // shutdown_grace may be zero: stop at once. Requests in flight are
+        // cut off, and their clients see the connection close, never an
+        // acknowledgement, so no acknowledged write is lost. idle_timeout
+        // and max_local_age take zero for "never".
         if self.table.read_capacity < 1 || self.table.write_capacity < 1 {
             return Err(invalid(
                 "table.read_capacity",
@@ -303,6 +416,53 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// The most shards `memory` can give a useful share each (at least one).
+fn max_shards(memory: u64) -> usize {
+    let fit = (memory / SHARD_SHARE_MIN).clamp(1, CACHE_SHARDS_MAX as u64);
+    // The largest power of two within `fit`: any count up to it rounds up
+    // to at most it.
+    1 << fit.ilog2()
+}
+
+/// The limits of the machine that validation checks against; `None` where
+/// one cannot be read (that check is then skipped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Machine {
+    /// The process's hard RLIMIT_NOFILE (`None`: unlimited or unknown).
+    open_files: Option<u64>,
+    /// Physical memory in bytes, MemTotal of /proc/meminfo.
+    physical_memory: Option<u64>,
+}
+
+impl Machine {
+    fn this() -> Machine {
+        use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
+        let open_files = getrlimit(Resource::RLIMIT_NOFILE)
+            .ok()
+            .map(|(_soft, hard)| hard)
+            .filter(|&hard| hard != RLIM_INFINITY);
+        let physical_memory = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| mem_total(&text));
+        Machine {
+            open_files,
+            physical_memory,
+        }
+    }
+}
+
+/// MemTotal, in bytes, from the text of /proc/meminfo.
+fn mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    let mut words = line.split_whitespace();
+    let number: u64 = words.next()?.parse().ok()?;
+    // The kernel writes "kB" and means KiB.
+    match words.next() {
+        Some("kB") => number.checked_mul(1024),
+        _ => None,
     }
 }
 
@@ -406,6 +566,202 @@ mod tests {
                 .to_string()
                 .contains("item_size_max")
         );
+    }
+
+    /// A machine with 20000 open files and 16 GiB.
+    const MACHINE: Machine = Machine {
+        open_files: Some(20_000),
+        physical_memory: Some(16 << 30),
+    };
+
+    /// The error `config` gets on `machine`, which must name `key`.
+    fn refused(config: &Config, machine: &Machine, key: &str) -> String {
+        let err = config
+            .validate_on(machine)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains(&format!("`{key}`")), "names {key}: {err}");
+        err
+    }
+
+    #[test]
+    fn the_defaults_are_valid_here_and_on_a_usual_machine() {
+        Config::default().validate().unwrap();
+        Config::default().validate_on(&MACHINE).unwrap();
+        // Linux's own default hard limit is 4096; systemd's is 524288.
+        let usual = Machine {
+            open_files: Some(4096),
+            physical_memory: Some(1 << 30),
+        };
+        Config::default().validate_on(&usual).unwrap();
+    }
+
+    #[test]
+    fn cache_shards_at_most_65536() {
+        let big = Machine {
+            physical_memory: Some(1 << 40),
+            ..MACHINE
+        };
+        let with = |cache_shards, memory_limit| Config {
+            cache_shards,
+            memory_limit,
+            ..Config::default()
+        };
+        for shards in [0, 1, 7, 65536] {
+            with(shards, ByteSize::gib(4)).validate_on(&big).unwrap();
+        }
+        for shards in [65537, 100_000_000, usize::MAX] {
+            let err = refused(&with(shards, ByteSize::gib(64)), &big, "cache_shards");
+            assert!(err.contains("65536"), "{err}");
+        }
+        let err = refused(
+            &with(100_000_000, ByteSize::mib(64)),
+            &MACHINE,
+            "cache_shards",
+        );
+        assert!(err.contains("0 picks 8 per core"), "{err}");
+    }
+
+    #[test]
+    fn cache_shards_leave_each_64_kib_of_memory_limit() {
+        let with = |cache_shards, memory_limit| Config {
+            cache_shards,
+            memory_limit,
+            ..Config::default()
+        };
+        // 64 MiB: 1024 shards of 64 KiB; 1025 rounds up to 2048 of 32 KiB.
+        with(1024, ByteSize::mib(64)).validate_on(&MACHINE).unwrap();
+        with(1000, ByteSize::mib(64)).validate_on(&MACHINE).unwrap();
+        let err = refused(&with(1025, ByteSize::mib(64)), &MACHINE, "cache_shards");
+        assert!(err.contains("rounded up to 2048"), "{err}");
+        assert!(err.contains("at most 1024"), "{err}");
+        // Not a power of two of 64 KiB: the largest power of two that fits.
+        with(8, ByteSize::kib(600)).validate_on(&MACHINE).unwrap();
+        refused(&with(9, ByteSize::kib(600)), &MACHINE, "cache_shards");
+        // One shard however small the budget; automatic is not checked.
+        with(1, ByteSize::kib(1)).validate_on(&MACHINE).unwrap();
+        with(0, ByteSize::kib(1)).validate_on(&MACHINE).unwrap();
+        refused(&with(2, ByteSize::kib(100)), &MACHINE, "cache_shards");
+        assert_eq!(max_shards(1), 1);
+        assert_eq!(max_shards(u64::MAX), CACHE_SHARDS_MAX);
+    }
+
+    #[test]
+    fn max_connections_within_the_open_file_limit() {
+        let with = |max_connections| Config {
+            max_connections,
+            ..Config::default()
+        };
+        refused(&with(0), &MACHINE, "max_connections");
+        with(1).validate_on(&MACHINE).unwrap();
+        with(20_000 - 64).validate_on(&MACHINE).unwrap();
+        let err = refused(&with(20_000 - 63), &MACHINE, "max_connections");
+        assert!(err.contains("at most 19936"), "{err}");
+        assert!(err.contains("RLIMIT_NOFILE"), "{err}");
+        let err = refused(&with(99_999_999_999), &MACHINE, "max_connections");
+        assert!(err.contains("100000000063 open files"), "{err}");
+        refused(&with(usize::MAX), &MACHINE, "max_connections");
+        // This process's own limit (always finite on Linux).
+        let err = with(99_999_999_999).validate().unwrap_err().to_string();
+        assert!(err.contains("`max_connections`"), "{err}");
+        // A limit that cannot be read is not checked.
+        let unknown = Machine {
+            open_files: None,
+            ..MACHINE
+        };
+        with(99_999_999_999).validate_on(&unknown).unwrap();
+    }
+
+    #[test]
+    fn a_low_open_file_limit_says_how_to_raise_it() {
+        let low = Machine {
+            open_files: Some(1024),
+            ..MACHINE
+        };
+        let err = refused(&Config::default(), &low, "max_connections");
+        for hint in ["at most 960", "ulimit -n", "LimitNOFILE=", "nofile"] {
+            assert!(err.contains(hint), "{hint}: {err}");
+        }
+        let tiny = Machine {
+            open_files: Some(64),
+            ..MACHINE
+        };
+        let err = refused(&Config::default(), &tiny, "max_connections");
+        assert!(!err.contains("at most 0"), "{err}");
+        assert!(err.contains("ulimit -n"), "{err}");
+    }
+
+    #[test]
+    fn memory_limit_above_zero_and_within_physical_memory() {
+        let with = |memory_limit| Config {
+            memory_limit,
+            ..Config::default()
+        };
+        refused(&with(ByteSize::b(0)), &MACHINE, "memory_limit");
+        with(ByteSize::b(1)).validate_on(&MACHINE).unwrap();
+        with(ByteSize::gib(16)).validate_on(&MACHINE).unwrap();
+        let err = refused(
+            &with(ByteSize::gib(16) + ByteSize::b(1)),
+            &MACHINE,
+            "memory_limit",
+        );
+        assert!(err.contains("physical memory, 16.0 GiB"), "{err}");
+        let pib: ByteSize = "97.7 PiB".parse().unwrap();
+        refused(&with(pib), &MACHINE, "memory_limit");
+        // This machine's own memory, if /proc/meminfo can be read.
+        if Machine::this().physical_memory.is_some() {
+            let err = with(pib).validate().unwrap_err().to_string();
+            assert!(err.contains("`memory_limit`"), "{err}");
+        }
+        // Unknown physical memory: not checked.
+        let unknown = Machine {
+            physical_memory: None,
+            ..MACHINE
+        };
+        with(pib).validate_on(&unknown).unwrap();
+    }
+
+    #[test]
+    fn mem_total_reads_proc_meminfo() {
+        let text = "MemTotal:       24684092 kB\nMemFree:         1234 kB\n";
+        assert_eq!(mem_total(text), Some(24_684_092 * 1024));
+        assert_eq!(mem_total("MemFree: 1 kB\n"), None);
+        assert_eq!(mem_total("MemTotal: lots kB\n"), None);
+        assert_eq!(mem_total("MemTotal: 12 pages\n"), None);
+    }
+
+    #[test]
+    fn client_timeouts_above_zero_and_at_most_a_day() {
+        for key in ["request_timeout", "write_timeout"] {
+            let with = |timeout| {
+                let mut config = Config::default();
+                match key {
+                    "request_timeout" => config.request_timeout = timeout,
+                    _ => config.write_timeout = timeout,
+                }
+                config
+            };
+            refused(&with(Duration::ZERO), &MACHINE, key);
+            refused(
+                &with(CLIENT_TIMEOUT_MAX + Duration::from_nanos(1)),
+                &MACHINE,
+                key,
+            );
+            refused(&with(Duration::MAX), &MACHINE, key);
+            with(Duration::from_millis(1))
+                .validate_on(&MACHINE)
+                .unwrap();
+            with(CLIENT_TIMEOUT_MAX).validate_on(&MACHINE).unwrap();
+        }
+    }
+
+    #[test]
+    fn zero_means_never_or_at_once_where_documented() {
+        let config = Config::from_toml(
+            "shutdown_grace = \"0s\"\nidle_timeout = \"0s\"\nmax_local_age = \"0s\"\n",
+        )
+        .unwrap();
+        config.validate_on(&MACHINE).unwrap();
     }
 
     #[test]
