@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -23,6 +24,7 @@ use dynacache::cache::{Entry, ItemCache};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use dynacache::connection::ConnectionOptions;
 use dynacache::engine::Engine;
+use dynacache::output::{Output, ReplyBudget};
 use dynacache::protocol::{Limits, Parsed, Reply, parse};
 use dynacache::store::MemoryStore;
 
@@ -141,19 +143,40 @@ fn cache(c: &mut Criterion) {
     g.finish();
 }
 
+/// Runs `cmd` with its replies going to an output over a sink, as a
+/// connection's go; `buf` is the reply buffer, kept between runs.
+async fn execute(
+    engine: &Engine<MemoryStore>,
+    cmd: dynacache::protocol::Command<'_>,
+    buf: &mut BytesMut,
+    budget: &ReplyBudget,
+) {
+    let mut sink = tokio::io::sink();
+    let mut out = Output::to(
+        &mut sink,
+        budget,
+        Duration::from_secs(1),
+        std::mem::take(buf),
+    );
+    engine.execute(cmd, &mut out).await;
+    *buf = out.into_buf();
+}
+
 fn engine(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
         .build()
         .unwrap();
     let engine = Engine::new(ItemCache::new(1 << 26, 16), MemoryStore::new());
     let limits = Limits::default();
+    let budget = ReplyBudget::new(1 << 28);
     let mut out = BytesMut::with_capacity(4096);
     rt.block_on(async {
         let set = [&b"set session:abc 1 0 100\r\n"[..], &[b'x'; 100], b"\r\n"].concat();
         let Parsed::Request(cmd, _) = parse(&set, &limits) else {
             unreachable!()
         };
-        engine.execute(cmd, &mut out).await;
+        execute(&engine, cmd, &mut out, &budget).await;
     });
     let get = b"get session:abc\r\n";
     c.bench_function("engine/get_hit_parse_execute_encode", |b| {
@@ -162,7 +185,7 @@ fn engine(c: &mut Criterion) {
             let Parsed::Request(cmd, _) = parse(black_box(get), &limits) else {
                 unreachable!()
             };
-            rt.block_on(engine.execute(cmd, &mut out));
+            rt.block_on(execute(&engine, cmd, &mut out, &budget));
         })
     });
 
@@ -180,7 +203,7 @@ fn engine(c: &mut Criterion) {
             let Parsed::Request(cmd, _) = parse(&set, &limits) else {
                 unreachable!()
             };
-            engine.execute(cmd, &mut out).await;
+            execute(&engine, cmd, &mut out, &budget).await;
             multi.extend_from_slice(format!(" {key}").as_bytes());
         }
     });
@@ -191,7 +214,7 @@ fn engine(c: &mut Criterion) {
             let Parsed::Request(cmd, _) = parse(black_box(&multi), &limits) else {
                 unreachable!()
             };
-            rt.block_on(engine.execute(cmd, &mut out));
+            rt.block_on(execute(&engine, cmd, &mut out, &budget));
         })
     });
 }
@@ -200,6 +223,7 @@ fn engine(c: &mut Criterion) {
 /// batch) over an in-memory stream: what a hit costs besides the syscalls.
 fn connection(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
         .build()
         .unwrap();
     let engine = Arc::new(Engine::new(ItemCache::new(1 << 26, 16), MemoryStore::new()));

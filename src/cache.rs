@@ -135,6 +135,14 @@ impl EntryRef<'_> {
     }
 }
 
+/// Why the cache had no entry to give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    Absent,
+    /// There was one, but it had expired (now dropped).
+    Expired,
+}
+
 /// Counters since start, for metrics and `stats`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStats {
@@ -198,17 +206,28 @@ impl ItemCache {
         now: u32,
         read: impl FnOnce(EntryRef<'_>) -> R,
     ) -> Option<R> {
+        self.lookup(key, now, read).ok()
+    }
+
+    /// [`ItemCache::get_with`], telling an entry that had expired (and is
+    /// now dropped) from none.
+    pub fn lookup<R>(
+        &self,
+        key: &[u8],
+        now: u32,
+        read: impl FnOnce(EntryRef<'_>) -> R,
+    ) -> Result<R, Miss> {
         let hash = self.hasher.hash_one(key);
         let mut shard = lock(self.shard(hash));
-        let idx = shard.find(hash, key)?;
+        let idx = shard.find(hash, key).ok_or(Miss::Absent)?;
         if shard.slots[idx].is_expired(now) {
             shard.remove_at(hash, idx);
             drop(shard);
             self.expirations.fetch_add(1, Ordering::Relaxed);
-            return None;
+            return Err(Miss::Expired);
         }
         shard.touch(idx);
-        Some(read(EntryRef(&shard.slots[idx])))
+        Ok(read(EntryRef(&shard.slots[idx])))
     }
 
     /// Stores a copy of `item` for `key`, as read from the store at

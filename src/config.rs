@@ -86,6 +86,10 @@ pub struct Config {
     /// is closed (a client that never reads cannot hold a slot).
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// Reply memory all connections share beyond the first 64 KiB each: a
+    /// connection whose replies need more waits for others' to drain.
+    #[serde(with = "byte_size")]
+    pub reply_memory_limit: ByteSize,
     /// "text" (human-readable) or "json" logs.
     pub log_format: LogFormat,
     pub dynamodb: DynamoSettings,
@@ -118,6 +122,7 @@ impl Default for Config {
             idle_timeout: Duration::ZERO,
             request_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
+            reply_memory_limit: ByteSize::mib(64),
             log_format: LogFormat::Text,
             dynamodb: DynamoSettings::default(),
             table: TableSettings::default(),
@@ -297,6 +302,14 @@ impl Config {
         if d.max_attempts == 0 {
             return Err(invalid("dynamodb.max_attempts", "must be at least 1"));
         }
+        // One reply as large as the largest item must fit, or it would wait
+        // for budget that can never be free.
+        if self.reply_memory_limit.as_u64() < self.item_size_max.as_u64() {
+            return Err(invalid(
+                "reply_memory_limit",
+                format!("must be at least item_size_max ({})", self.item_size_max),
+            ));
+        }
         if d.operation_timeout.is_zero() {
             return Err(invalid("dynamodb.operation_timeout", "must be above zero"));
         }
@@ -420,6 +433,18 @@ impl Config {
 }
 
 /// The most shards `memory` can give a useful share each (at least one).
+impl Config {
+    /// The cache's shard count: `cache_shards`, or when 0, 8 per core but
+    /// no more than leave each [`SHARD_SHARE_MIN`] of `memory_limit`.
+    pub fn shards(&self) -> usize {
+        match self.cache_shards {
+            0 => crate::cache::ItemCache::default_shards()
+                .min(max_shards(self.memory_limit.as_u64())),
+            n => n,
+        }
+    }
+}
+
 fn max_shards(memory: u64) -> usize {
     let fit = (memory / SHARD_SHARE_MIN).clamp(1, CACHE_SHARDS_MAX as u64);
     // The largest power of two within `fit`: any count up to it rounds up

@@ -11,26 +11,29 @@
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::engine::{Engine, Flow};
+use crate::output::{Output, ReplyBudget};
 use crate::protocol::{Limits, Parsed, Reply, parse};
 use crate::store::Store;
 
 /// Read in chunks of this much at least.
 const READ_CHUNK: usize = 16 * 1024;
-/// Write out replies early once this much is waiting (a big multi-get).
-const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// Write out replies early once this much is waiting (a long pipeline).
+const WRITE_HIGH_WATER: usize = crate::output::ALLOWANCE;
 
 const TOO_LARGE: Reply<'static> = Reply::ServerError("object too large for cache");
 
 /// How connections are served.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConnectionOptions {
     pub limits: Limits,
+    /// Reply memory shared by every connection (see [`crate::output`]).
+    pub replies: ReplyBudget,
     /// Close a connection idle this long (None: never).
     pub idle_timeout: Option<Duration>,
     /// A request must arrive whole within this of its first byte.
@@ -43,6 +46,7 @@ impl ConnectionOptions {
     pub fn from_config(config: &Config, limits: Limits) -> ConnectionOptions {
         ConnectionOptions {
             limits,
+            replies: ReplyBudget::new(config.reply_memory_limit.as_u64() as usize),
             idle_timeout: (!config.idle_timeout.is_zero()).then_some(config.idle_timeout),
             request_timeout: config.request_timeout,
             write_timeout: config.write_timeout,
@@ -67,7 +71,7 @@ pub async fn serve<S, T>(
 ) -> std::io::Result<()>
 where
     S: Store,
-    T: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let limits = &options.limits;
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
@@ -82,6 +86,14 @@ where
     // of one is buffered or being discarded).
     let mut request_deadline: Option<Instant> = None;
     loop {
+        // Replies of this batch: written as they fill, and at its end.
+        let mut out = Output::to(
+            &mut stream,
+            &options.replies,
+            options.write_timeout,
+            std::mem::take(&mut wbuf),
+        );
+        let mut close = false;
         loop {
             if discard > 0 {
                 let n = discard.min(rbuf.len() as u64);
@@ -93,16 +105,15 @@ where
             }
             match parse(&rbuf, limits) {
                 Parsed::Request(cmd, len) => {
-                    let flow = engine.execute(cmd, &mut wbuf).await;
+                    let flow = engine.execute(cmd, &mut out).await;
                     rbuf.advance(len);
                     request_deadline = None;
                     if flow == Flow::Close {
-                        return write(&mut stream, &wbuf, options).await;
+                        close = true;
+                        break;
                     }
-                    if wbuf.len() >= WRITE_HIGH_WATER {
-                        write(&mut stream, &wbuf, options).await?;
-                        engine.counters().io(0, wbuf.len());
-                        wbuf.clear();
+                    if out.pending().len() >= WRITE_HIGH_WATER {
+                        out.flush().await;
                     }
                 }
                 Parsed::Incomplete => break,
@@ -113,7 +124,7 @@ where
                 } => {
                     engine.count_invalid();
                     if !noreply {
-                        reply.encode(&mut wbuf);
+                        reply.encode(out.buf());
                     }
                     rbuf.advance(len);
                     request_deadline = None;
@@ -128,8 +139,8 @@ where
                     let failed = engine.reject_too_large(mode, key).await;
                     if !noreply {
                         match failed {
-                            None => TOO_LARGE.encode(&mut wbuf),
-                            Some(e) => Reply::ServerError(&e.to_string()).encode(&mut wbuf),
+                            None => TOO_LARGE.encode(out.buf()),
+                            Some(e) => Reply::ServerError(&e.to_string()).encode(out.buf()),
                         }
                     }
                     rbuf.advance(len);
@@ -137,14 +148,22 @@ where
                 }
                 Parsed::LineTooLong => {
                     // memcached closes such a connection without a reply.
-                    return write(&mut stream, &wbuf, options).await;
+                    close = true;
+                    break;
                 }
             }
+            if let Some(e) = out.take_error() {
+                return Err(e);
+            }
         }
-        if !wbuf.is_empty() {
-            write(&mut stream, &wbuf, options).await?;
-            engine.counters().io(0, wbuf.len());
-            wbuf.clear();
+        out.flush().await;
+        engine.counters().io(0, out.written());
+        if let Some(e) = out.take_error() {
+            return Err(e);
+        }
+        wbuf = out.into_buf();
+        if close {
+            return Ok(());
         }
         if rbuf.is_empty() && discard == 0 {
             request_deadline = None;
@@ -173,21 +192,5 @@ where
             return Ok(());
         }
         engine.counters().io(read, 0);
-    }
-}
-
-/// Writes `bytes` within the write timeout: a client that does not read its
-/// replies loses its connection rather than holding it forever.
-async fn write<T: AsyncWrite + Unpin>(
-    stream: &mut T,
-    bytes: &[u8],
-    options: &ConnectionOptions,
-) -> std::io::Result<()> {
-    match tokio::time::timeout(options.write_timeout, stream.write_all(bytes)).await {
-        Ok(result) => result,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "the client did not read its replies within write_timeout",
-        )),
     }
 }

@@ -14,6 +14,7 @@ pub mod connection;
 pub mod engine;
 pub mod listener;
 pub mod metrics;
+pub mod output;
 pub mod protocol;
 pub mod server;
 pub mod store;

@@ -296,6 +296,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(config.log_format);
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -315,6 +316,19 @@ fn main() -> ExitCode {
             tracing::error!("{message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises the soft open-file limit to the hard one, as memcached does: a
+/// shell's soft limit (often 1024) would make accepts fail (EMFILE) before
+/// `max_connections` is reached; validation already checked the hard one.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
     }
 }
 

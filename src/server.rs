@@ -116,16 +116,13 @@ async fn serve<S: Store>(
         item_overhead: store.item_overhead(),
         ..Limits::default()
     };
-    let shards = match config.cache_shards {
-        0 => ItemCache::default_shards(),
-        n => n,
-    };
-    let cache = ItemCache::new(config.memory_limit.as_u64(), shards);
+    let cache = ItemCache::new(config.memory_limit.as_u64(), config.shards());
     let options = EngineOptions {
         max_local_age: config.max_local_age,
         stale_on_error: config.stale_on_error,
         flush_enabled: config.flush_enabled,
         settings_report: settings_report(config),
+        item_size_max: limits.item_size_max,
     };
     let engine = Arc::new(Engine::with_options(cache, store, options));
     // A flush_all made before this process started still hides old items.

@@ -94,8 +94,14 @@ async fn multi_get_misses_are_batched() {
             assert_eq!(c.call(req.as_bytes()).await, "STORED\r\n");
         }
     }
+    // Misses are read 4 MiB of items at a time (what a request may hold
+    // read ahead), at most 100 keys per call: 100 keys with 40 KiB items.
     let proxy = FaultProxy::start(&db.endpoint).await;
-    let server = TestServer::start(via(&proxy, &settings)).await;
+    let config = Config {
+        item_size_max: bytesize::ByteSize::kib(40),
+        ..test_config(via(&proxy, &settings))
+    };
+    let server = TestServer::with_config(config).await;
     let mut c = server.client().await;
     // 250 keys, one of them twice and one absent.
     let mut req = String::from("get");
@@ -119,6 +125,14 @@ async fn multi_get_misses_are_batched() {
     // Now all cached: no more calls.
     assert_eq!(c.call(req.as_bytes()).await, expected);
     assert_eq!(proxy.calls("BatchGetItem"), 3);
+
+    // With 400 KiB items (the default), 10 keys a call.
+    let proxy = FaultProxy::start(&db.endpoint).await;
+    let server = TestServer::start(via(&proxy, &settings)).await;
+    let mut c = server.client().await;
+    assert_eq!(c.call(req.as_bytes()).await, expected);
+    assert_eq!(proxy.calls("BatchGetItem"), 25, "250 keys, 10 a call");
+    assert_eq!(proxy.calls("GetItem"), 1, "then the absent one alone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

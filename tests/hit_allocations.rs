@@ -6,24 +6,45 @@ use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
+use std::time::Duration;
+
 use bytes::BytesMut;
 use dynacache::cache::ItemCache;
 use dynacache::engine::{Engine, Flow};
+use dynacache::output::{Output, ReplyBudget};
 use dynacache::protocol::{Limits, Parsed, parse};
 use dynacache::store::MemoryStore;
 
 /// Runs `request` to completion on this thread, polling it by hand so
 /// that no executor allocates; the engine's hit path never waits.
+/// Replies go to an output as a connection's do (written to a sink when
+/// full, within a shared budget); `out` is its buffer, kept between calls.
 fn run(engine: &Engine<MemoryStore>, request: &[u8], out: &mut BytesMut) {
     let Parsed::Request(cmd, _) = parse(request, &Limits::default()) else {
         panic!("not a request: {request:?}");
     };
-    let mut future = pin!(engine.execute(cmd, out));
-    let mut cx = Context::from_waker(Waker::noop());
-    match future.as_mut().poll(&mut cx) {
-        Poll::Ready(flow) => assert_eq!(flow, Flow::Continue),
-        Poll::Pending => panic!("a request on the memory store waited"),
+    let budget = budget();
+    let mut sink = tokio::io::sink();
+    let mut output = Output::to(
+        &mut sink,
+        budget,
+        Duration::from_secs(1),
+        std::mem::take(out),
+    );
+    {
+        let mut future = pin!(engine.execute(cmd, &mut output));
+        let mut cx = Context::from_waker(Waker::noop());
+        match future.as_mut().poll(&mut cx) {
+            Poll::Ready(flow) => assert_eq!(flow, Flow::Continue),
+            Poll::Pending => panic!("a request on the memory store waited"),
+        }
     }
+    *out = output.into_buf();
+}
+
+fn budget() -> &'static ReplyBudget {
+    static BUDGET: std::sync::OnceLock<ReplyBudget> = std::sync::OnceLock::new();
+    BUDGET.get_or_init(|| ReplyBudget::new(1 << 20))
 }
 
 fn engine_with_items() -> Engine<MemoryStore> {

@@ -8,8 +8,9 @@
 use bytes::BytesMut;
 
 use super::write::{Done, Op, Refusal};
-use super::{Engine, error_reply, expiry};
+use super::{Engine, REPLY_HEAD, error_reply, expiry};
 use crate::metrics::{Event, Outcome};
+use crate::output::Output;
 use crate::protocol::{Meta, MetaCmd, MetaCode, MetaItem, MetaMode, Reply, StoreMode};
 use crate::store::{Item, Store, StoreError, View};
 
@@ -20,10 +21,10 @@ const MS: &[u8] = b"ckO";
 const MA_HIT: &[u8] = b"ckOt";
 
 impl<S: Store> Engine<S> {
-    pub(super) async fn meta(&self, meta: Meta<'_>, out: &mut BytesMut, view: View) -> Outcome {
+    pub(super) async fn meta(&self, meta: Meta<'_>, out: &mut Output<'_>, view: View) -> Outcome {
         let key = &meta.key[..];
         if let Err(e) = self.check_key(key) {
-            return error_reply(out, &e);
+            return error_reply(out.buf(), &e);
         }
         let result = match meta.cmd {
             MetaCmd::Get => self.meta_get(&meta, out, view).await,
@@ -32,13 +33,13 @@ impl<S: Store> Engine<S> {
             MetaCmd::Arith => self.meta_arith(&meta, out, view).await,
             MetaCmd::Debug => self.meta_debug(&meta, out, view).await,
         };
-        result.unwrap_or_else(|e| error_reply(out, &e))
+        result.unwrap_or_else(|e| error_reply(out.buf(), &e))
     }
 
     async fn meta_get(
         &self,
         meta: &Meta<'_>,
-        out: &mut BytesMut,
+        out: &mut Output<'_>,
         view: View,
     ) -> Result<Outcome, StoreError> {
         let key = &meta.key[..];
@@ -62,23 +63,37 @@ impl<S: Store> Engine<S> {
                 }
             }
             None => {
-                // A hit is answered from the cache in place, as `get`'s are.
-                let served = self.fresh_with(key, view, self.now_ms(), |entry| {
-                    let item = MetaItem {
-                        cas: entry.version(),
-                        flags: entry.flags(),
-                        size: entry.value().len(),
-                        ttl: ttl_left(entry.expires_at(), view.now),
-                    };
-                    let (code, data) = if flags.value {
-                        (MetaCode::Va, entry.value())
-                    } else {
-                        (MetaCode::Hd, &b""[..])
-                    };
-                    meta_reply(out, meta, code, MG_HIT, Some(item), data, false);
-                });
-                match served.served() {
-                    Ok(()) => {
+                self.counters.record(Event::CmdGet);
+                // A hit is answered from the cache in place, as `get`'s are
+                // (one that does not fit the output waits for room first).
+                let now_ms = self.now_ms();
+                let lookup = loop {
+                    let served = self.fresh_with(key, view, now_ms, |entry| {
+                        let size = entry.value().len() + key.len() + REPLY_HEAD;
+                        if !out.fits(size) {
+                            return Err(size);
+                        }
+                        let item = MetaItem {
+                            cas: entry.version(),
+                            flags: entry.flags(),
+                            size: entry.value().len(),
+                            ttl: ttl_left(entry.expires_at(), view.now),
+                        };
+                        let (code, data) = if flags.value {
+                            (MetaCode::Va, entry.value())
+                        } else {
+                            (MetaCode::Hd, &b""[..])
+                        };
+                        meta_reply(out.buf(), meta, code, MG_HIT, Some(item), data, false);
+                        Ok(())
+                    });
+                    match served.served() {
+                        Ok(Err(size)) => out.make_room(size).await,
+                        other => break other,
+                    }
+                };
+                match lookup {
+                    Ok(_) => {
                         self.counters.record(Event::CacheHits);
                         self.counters.record(Event::GetHits);
                         return Ok(Outcome::Hit);
@@ -111,7 +126,7 @@ impl<S: Store> Engine<S> {
         }
         let Some(item) = found else {
             if !flags.quiet {
-                meta_reply(out, meta, MetaCode::En, KEY_OPAQUE, None, b"", false);
+                meta_reply(out.buf(), meta, MetaCode::En, KEY_OPAQUE, None, b"", false);
             }
             return Ok(Outcome::Miss);
         };
@@ -120,8 +135,9 @@ impl<S: Store> Engine<S> {
         } else {
             (MetaCode::Hd, &b""[..])
         };
+        out.make_room(data.len() + key.len() + REPLY_HEAD).await;
         meta_reply(
-            out,
+            out.buf(),
             meta,
             code,
             MG_HIT,
@@ -135,7 +151,7 @@ impl<S: Store> Engine<S> {
     async fn meta_set(
         &self,
         meta: &Meta<'_>,
-        out: &mut BytesMut,
+        out: &mut Output<'_>,
         view: View,
     ) -> Result<Outcome, StoreError> {
         let flags = &meta.flags;
@@ -169,7 +185,7 @@ impl<S: Store> Engine<S> {
                 size: 0,
                 ttl: 0,
             };
-            meta_reply(out, meta, code, MS, Some(item), b"", false);
+            meta_reply(out.buf(), meta, code, MS, Some(item), b"", false);
         }
         Ok(outcome)
     }
@@ -177,7 +193,7 @@ impl<S: Store> Engine<S> {
     async fn meta_delete(
         &self,
         meta: &Meta<'_>,
-        out: &mut BytesMut,
+        out: &mut Output<'_>,
         view: View,
     ) -> Result<Outcome, StoreError> {
         // `I` (invalidate) deletes too: see the README.
@@ -190,7 +206,7 @@ impl<S: Store> Engine<S> {
             Done::Refused(..) => (MetaCode::Nf, Outcome::NotFound),
         };
         if !(meta.flags.quiet && code == MetaCode::Hd) {
-            meta_reply(out, meta, code, KEY_OPAQUE, None, b"", false);
+            meta_reply(out.buf(), meta, code, KEY_OPAQUE, None, b"", false);
         }
         Ok(outcome)
     }
@@ -198,7 +214,7 @@ impl<S: Store> Engine<S> {
     async fn meta_arith(
         &self,
         meta: &Meta<'_>,
-        out: &mut BytesMut,
+        out: &mut Output<'_>,
         view: View,
     ) -> Result<Outcome, StoreError> {
         let key = &meta.key[..];
@@ -217,17 +233,17 @@ impl<S: Store> Engine<S> {
                     (item, n, flags.quiet)
                 }
                 Done::Refused(Refusal::Exists, _) => {
-                    meta_reply(out, meta, MetaCode::Ex, KEY_OPAQUE, None, b"", false);
+                    meta_reply(out.buf(), meta, MetaCode::Ex, KEY_OPAQUE, None, b"", false);
                     return Ok(Outcome::NotStored);
                 }
                 Done::Refused(Refusal::NotANumber, _) => {
                     Reply::ClientError("cannot increment or decrement non-numeric value")
-                        .encode(out);
+                        .encode(out.buf());
                     return Ok(Outcome::ClientError);
                 }
                 Done::Refused(..) => {
                     let Some(ttl) = flags.vivify else {
-                        meta_reply(out, meta, MetaCode::Nf, KEY_OPAQUE, None, b"", false);
+                        meta_reply(out.buf(), meta, MetaCode::Nf, KEY_OPAQUE, None, b"", false);
                         return Ok(Outcome::NotFound);
                     };
                     // As for mg, `T` wins over `N` for the new item's TTL.
@@ -254,7 +270,7 @@ impl<S: Store> Engine<S> {
                     (MetaCode::Hd, &b""[..])
                 };
                 meta_reply(
-                    out,
+                    out.buf(),
                     meta,
                     code,
                     MA_HIT,
@@ -272,12 +288,12 @@ impl<S: Store> Engine<S> {
     async fn meta_debug(
         &self,
         meta: &Meta<'_>,
-        out: &mut BytesMut,
+        out: &mut Output<'_>,
         view: View,
     ) -> Result<Outcome, StoreError> {
         let key = &meta.key[..];
         let Some(item) = self.lookup(key, view).await? else {
-            Reply::MetaMiss.encode(out);
+            Reply::MetaMiss.encode(out.buf());
             return Ok(Outcome::Miss);
         };
         // A binary key is shown as sent (base64), as memcached shows keys stored with `b`.
@@ -288,7 +304,7 @@ impl<S: Store> Engine<S> {
             cas: item.version,
             size: key.len() + item.value.len(),
         }
-        .encode(out);
+        .encode(out.buf());
         Ok(Outcome::Hit)
     }
 }

@@ -35,6 +35,7 @@ use tokio::sync::Notify;
 
 use crate::cache::ItemCache;
 use crate::metrics::{CommandKind, Counters, Event, Outcome};
+use crate::output::Output;
 use crate::protocol::{Command, Reply, StoreMode};
 use crate::store::{Item, Store, StoreError, View};
 
@@ -72,6 +73,9 @@ pub struct EngineOptions {
     pub flush_enabled: bool,
     /// `stats settings` lines describing the configuration.
     pub settings_report: Vec<(&'static str, String)>,
+    /// The largest item (key, value and store overhead), for bounding what
+    /// a multi-get reads ahead.
+    pub item_size_max: usize,
 }
 
 /// The shortest period between two reads of the `flush_all` marker: one
@@ -98,6 +102,7 @@ impl Default for EngineOptions {
             stale_on_error: true,
             flush_enabled: true,
             settings_report: Vec::new(),
+            item_size_max: 400 * 1024,
         }
     }
 }
@@ -158,12 +163,12 @@ impl<S: Store> Engine<S> {
     }
 
     /// Runs `cmd` now (wall clock) and appends its replies to `out`.
-    pub async fn execute(&self, cmd: Command<'_>, out: &mut BytesMut) -> Flow {
+    pub async fn execute(&self, cmd: Command<'_>, out: &mut Output<'_>) -> Flow {
         self.execute_at(cmd, out, unix_now()).await
     }
 
     /// Runs `cmd` as if the time were `now` (Unix seconds).
-    pub async fn execute_at(&self, cmd: Command<'_>, out: &mut BytesMut, now: u32) -> Flow {
+    pub async fn execute_at(&self, cmd: Command<'_>, out: &mut Output<'_>, now: u32) -> Flow {
         let kind = kind(&cmd);
         let started = Instant::now();
         let view = self.view(now);
@@ -198,7 +203,7 @@ impl<S: Store> Engine<S> {
                     Done::Refused(Refusal::NotFound, _) => (Outcome::NotFound, Reply::NotFound),
                     Done::Refused(..) => (Outcome::NotStored, Reply::NotStored),
                 });
-                finish(out, noreply, answer)
+                finish(out.buf(), noreply, answer)
             }
             Command::Delete { key, noreply } => {
                 let answer = self
@@ -208,7 +213,7 @@ impl<S: Store> Engine<S> {
                         Done::Written(_) => (Outcome::Deleted, Reply::Deleted),
                         Done::Refused(..) => (Outcome::NotFound, Reply::NotFound),
                     });
-                finish(out, noreply, answer)
+                finish(out.buf(), noreply, answer)
             }
             Command::Touch {
                 key,
@@ -223,7 +228,7 @@ impl<S: Store> Engine<S> {
                     Done::Written(_) => (Outcome::Touched, Reply::Touched),
                     Done::Refused(..) => (Outcome::NotFound, Reply::NotFound),
                 });
-                finish(out, noreply, answer)
+                finish(out.buf(), noreply, answer)
             }
             Command::Arith {
                 incr,
@@ -245,28 +250,30 @@ impl<S: Store> Engine<S> {
                     Done::Refused(Refusal::NotANumber, _) => (Outcome::ClientError, NON_NUMERIC),
                     Done::Refused(..) => (Outcome::NotFound, Reply::NotFound),
                 });
-                finish(out, noreply, answer)
+                finish(out.buf(), noreply, answer)
             }
             Command::FlushAll { delay, noreply } => {
                 let answer = self.flush_all(delay, now).await;
-                finish(out, noreply, answer)
+                finish(out.buf(), noreply, answer)
             }
-            Command::Stats(group) => self.stats_reply(group, out),
-            Command::Verbosity { noreply } => finish(out, noreply, Ok((Outcome::Ok, Reply::Ok))),
+            Command::Stats(group) => self.stats_reply(group, out.buf()),
+            Command::Verbosity { noreply } => {
+                finish(out.buf(), noreply, Ok((Outcome::Ok, Reply::Ok)))
+            }
             Command::CacheMemlimit { megabytes, noreply } => {
-                finish(out, noreply, Ok(self.cache_memlimit(megabytes)))
+                finish(out.buf(), noreply, Ok(self.cache_memlimit(megabytes)))
             }
             Command::Shutdown => {
-                Reply::ShutdownRefused.encode(out);
+                Reply::ShutdownRefused.encode(out.buf());
                 Outcome::ClientError
             }
             Command::Meta(meta) => self.meta(meta, out, view).await,
             Command::MetaNoop => {
-                Reply::MetaNoop.encode(out);
+                Reply::MetaNoop.encode(out.buf());
                 Outcome::Ok
             }
             Command::Version => {
-                Reply::Version(VERSION).encode(out);
+                Reply::Version(VERSION).encode(out.buf());
                 Outcome::Ok
             }
             Command::Quit => {
@@ -326,10 +333,24 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// Keys of a multi-get looked up and read from the store at a time.
+    fn get_window(&self) -> usize {
+        (READ_AHEAD / self.options.item_size_max.max(1)).clamp(1, 100)
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 }
+
+/// Room for a value reply's line (and a meta reply's flags) besides its data.
+const REPLY_HEAD: usize = 512;
+
+/// What a multi-get may hold of values read ahead of writing them: its
+/// misses are read this many bytes' worth of items at a time (at most 100
+/// keys, DynamoDB's BatchGetItem limit): 10 keys a call with the default
+/// 400 KiB `item_size_max`, 100 with items up to 40 KiB.
+const READ_AHEAD: usize = 4 << 20;
 
 const NON_NUMERIC: Reply<'static> =
     Reply::ClientError("cannot increment or decrement non-numeric value");

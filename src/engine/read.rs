@@ -4,93 +4,161 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use dashmap::DashMap;
 use tokio::sync::watch;
 
 use super::write::{Done, Op};
-use super::{Engine, error_reply, expiry, value_reply};
-use crate::cache::EntryRef;
+use super::{Engine, REPLY_HEAD, error_reply, expiry, value_reply};
+use crate::cache::{EntryRef, Miss};
 use crate::metrics::{Event, Outcome};
+use crate::output::Output;
 use crate::protocol::{Keys, Reply};
 use crate::store::{Item, Store, StoreError, View};
 
 impl<S: Store> Engine<S> {
+    /// `get`/`gets`: hits answered from memory, misses read from the store
+    /// in windows of keys (one batch each, see `READ_AHEAD`), every value
+    /// written out as the output fills, so a request of any number of keys
+    /// holds a bounded amount of memory.
     pub(super) async fn get(
         &self,
         keys: Keys<'_>,
         cas: bool,
-        out: &mut BytesMut,
+        out: &mut Output<'_>,
         view: View,
     ) -> Outcome {
-        let start = out.len();
+        let start = out.mark();
         let now_ms = self.now_ms();
-        // Fast path: answer hits straight from the cache, allocating nothing,
-        // until the first key that needs the store. Keys are checked against
-        // the table on the slow path only: a key the table cannot hold was
-        // never stored, so it is never a hit.
+        // A request with a key the table cannot hold is refused whole,
+        // before any of it is answered (a single key is checked on a miss:
+        // a key the table cannot hold is never cached, so never a hit).
         let mut rest = keys.iter();
-        let mut first_miss = None;
+        if rest.clone().nth(1).is_some()
+            && let Err(e) = self.check_keys(keys.iter())
+        {
+            return error_reply(out.buf(), &e);
+        }
+        // Fast path: answer hits straight from the cache, allocating nothing,
+        // until the first key that needs the store.
+        let mut pending = None;
         for key in rest.by_ref() {
-            // A hit is encoded from the cache in place, under its shard's lock.
-            let served = self.fresh_with(key, view, now_ms, |entry| {
-                value_reply(out, key, entry.flags(), entry.value(), entry.version(), cas);
-            });
-            match served.served() {
-                Ok(()) => {
+            self.counters.record(Event::CmdGet);
+            // A hit is encoded from the cache in place, under its shard's
+            // lock; one that does not fit the output waits for room first
+            // (and is then looked up again: nothing is copied).
+            let lookup = loop {
+                let served = self.fresh_with(key, view, now_ms, |entry| {
+                    let size = key.len() + entry.value().len() + REPLY_HEAD;
+                    if !out.fits(size) {
+                        return Err(size);
+                    }
+                    let (flags, version) = (entry.flags(), entry.version());
+                    value_reply(out.buf(), key, flags, entry.value(), version, cas);
+                    Ok(())
+                });
+                match served.served() {
+                    Ok(Err(size)) => out.make_room(size).await,
+                    other => break other,
+                }
+            };
+            match lookup {
+                Ok(_) => {
                     self.counters.record(Event::CacheHits);
                     self.counters.record(Event::GetHits);
                 }
                 Err(lookup) => {
-                    first_miss = Some((key, lookup));
+                    pending = Some((key, lookup));
                     break;
                 }
             }
         }
-        let Some((key, lookup)) = first_miss else {
-            Reply::End.encode(out);
+        let Some(first_miss) = pending else {
+            Reply::End.encode(out.buf());
             return Outcome::Hit;
         };
 
-        // Slow path: look the remaining keys up, read all misses in one go.
-        let mut lookups = vec![(key, lookup)];
-        lookups.extend(rest.map(|k| (k, self.fresh(k, view, now_ms))));
+        // Slow path: the rest of the keys, a window at a time.
+        let mut all_hit = true;
+        let window = self.get_window();
+        let mut lookups = vec![first_miss];
+        loop {
+            while lookups.len() < window
+                && let Some(key) = rest.next()
+            {
+                self.counters.record(Event::CmdGet);
+                let lookup = self.fresh(key, view, now_ms);
+                lookups.push((key, lookup));
+            }
+            if lookups.is_empty() {
+                break;
+            }
+            match self.answer_window(&mut lookups, cas, out, view).await {
+                Ok(hit) => all_hit &= hit,
+                Err(e) => {
+                    // Never a partial answer that reads as a miss: the error
+                    // alone if nothing was written yet, else instead of END.
+                    out.truncate(start);
+                    return error_reply(out.buf(), &e);
+                }
+            }
+            lookups.clear();
+        }
+        Reply::End.encode(out.buf());
+        if all_hit { Outcome::Hit } else { Outcome::Miss }
+    }
+
+    /// Answers a window of a multi-get's keys, in order: what the cache had,
+    /// and the rest read from the store in one go. Returns whether every key
+    /// was found.
+    async fn answer_window(
+        &self,
+        lookups: &mut [(&[u8], Lookup)],
+        cas: bool,
+        out: &mut Output<'_>,
+        view: View,
+    ) -> Result<bool, StoreError> {
         let mut wanted: Vec<&[u8]> = Vec::new();
-        for (key, lookup) in &lookups {
+        for (key, lookup) in lookups.iter() {
             if !matches!(lookup, Lookup::Fresh(_)) && !wanted.contains(key) {
                 wanted.push(key);
             }
         }
-        // Refuse the whole request, hits answered so far included.
-        if let Err(e) = self.check_keys(wanted.iter().copied()) {
-            out.truncate(start);
-            return error_reply(out, &e);
+        self.check_keys(wanted.iter().copied())?;
+        if lookups.len() > 1 {
+            // Values held ahead of writing them (copies of cached ones, and
+            // those read) count against the output's memory: room for the
+            // largest they can be, reserved first.
+            let ahead = lookups.len() * (self.options.item_size_max + REPLY_HEAD);
+            out.make_room(ahead).await;
         }
-        let fetched = match self.fetch(&wanted, view).await {
-            Ok(fetched) => Some(fetched),
-            Err(e) => {
-                // Old copies may stand in for a failed re-read, if allowed.
-                let stale_ok = self.options.stale_on_error
-                    && lookups.iter().all(|(_, l)| !matches!(l, Lookup::Absent));
-                if !stale_ok {
-                    // Never a partial answer that reads as a miss.
-                    out.truncate(start);
-                    return error_reply(out, &e);
+        let fetched = if wanted.is_empty() {
+            Some(Vec::new())
+        } else {
+            match self.fetch(&wanted, view).await {
+                Ok(fetched) => Some(fetched),
+                Err(e) => {
+                    // Old copies may stand in for a failed re-read, if allowed.
+                    let stale_ok = self.options.stale_on_error
+                        && lookups.iter().all(|(_, l)| !matches!(l, Lookup::Absent));
+                    if !stale_ok {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, "serving entries past max_local_age: the store failed");
+                    None
                 }
-                tracing::debug!(error = %e, "serving entries past max_local_age: the store failed");
-                None
             }
         };
         let mut all_hit = true;
-        for (key, lookup) in lookups {
-            let item = match (lookup, &fetched) {
+        for (key, lookup) in lookups.iter_mut() {
+            let key: &[u8] = key;
+            let found = match (std::mem::replace(lookup, Lookup::Absent), &fetched) {
                 (Lookup::Fresh(item), _) => {
                     self.counters.record(Event::CacheHits);
-                    Some(item)
+                    Some(Arc::new(item))
                 }
                 (Lookup::Aged(item), None) => {
                     self.counters.record(Event::CacheStaleServed);
-                    Some(item)
+                    Some(Arc::new(item))
                 }
                 (_, Some(fetched)) => {
                     self.counters.record(Event::CacheMisses);
@@ -104,10 +172,12 @@ impl<S: Store> Engine<S> {
                     unreachable!("an absent key makes a failed fetch an error")
                 }
             };
-            match item {
+            match found {
                 Some(item) => {
                     self.counters.record(Event::GetHits);
-                    value_reply(out, key, item.flags, &item.value, item.version, cas);
+                    out.make_room(key.len() + item.value.len() + REPLY_HEAD)
+                        .await;
+                    value_reply(out.buf(), key, item.flags, &item.value, item.version, cas);
                 }
                 None => {
                     self.counters.record(Event::GetMisses);
@@ -115,13 +185,13 @@ impl<S: Store> Engine<S> {
                 }
             }
         }
-        Reply::End.encode(out);
-        if all_hit { Outcome::Hit } else { Outcome::Miss }
+        Ok(all_hit)
     }
 
     /// One key through the get path (cache, `max_local_age`, coalesced
     /// store read, stale copy on a failed re-read if allowed): `mg`, `me`.
     pub(super) async fn lookup(&self, key: &[u8], view: View) -> Result<Option<Item>, StoreError> {
+        self.counters.record(Event::CmdGet);
         let lookup = self.fresh(key, view, self.now_ms());
         self.finish_lookup(key, view, lookup).await
     }
@@ -141,7 +211,7 @@ impl<S: Store> Engine<S> {
             other => match self.fetch(&[key], view).await {
                 Ok(mut items) => {
                     self.counters.record(Event::CacheMisses);
-                    items.pop().flatten()
+                    items.pop().flatten().map(Arc::unwrap_or_clone)
                 }
                 Err(e) => match other {
                     Lookup::Aged(item) if self.options.stale_on_error => {
@@ -180,9 +250,8 @@ impl<S: Store> Engine<S> {
         now_ms: u64,
         serve: impl FnOnce(EntryRef<'_>) -> R,
     ) -> Lookup<R> {
-        self.counters.record(Event::CmdGet);
         let max = self.options.max_local_age.as_millis() as u64;
-        let found = self.cache.get_with(key, view.now, |entry| {
+        let found = self.cache.lookup(key, view.now, |entry| {
             if entry.version() < view.flushed_before {
                 // Written before a flush_all that has taken effect.
                 Err(None)
@@ -193,14 +262,18 @@ impl<S: Store> Engine<S> {
             }
         });
         match found {
-            None => Lookup::Absent,
-            Some(Ok(served)) => Lookup::Fresh(served),
-            Some(Err(None)) => {
+            Err(Miss::Absent) => Lookup::Absent,
+            Err(Miss::Expired) => {
+                self.counters.record(Event::GetExpired);
+                Lookup::Absent
+            }
+            Ok(Ok(served)) => Lookup::Fresh(served),
+            Ok(Err(None)) => {
                 self.cache.remove(key);
                 self.counters.record(Event::GetFlushed);
                 Lookup::Absent
             }
-            Some(Err(Some(aged))) => {
+            Ok(Err(Some(aged))) => {
                 self.counters.record(Event::CacheRevalidations);
                 Lookup::Aged(aged)
             }
@@ -210,8 +283,12 @@ impl<S: Store> Engine<S> {
     /// Reads `keys` (distinct) from the store, joining reads already in
     /// flight for any of them, and fills the cache with what it read unless
     /// a write to the key completed meanwhile.
-    async fn fetch(&self, keys: &[&[u8]], view: View) -> Result<Vec<Option<Item>>, StoreError> {
-        let mut results: Vec<Option<Option<Item>>> = vec![None; keys.len()];
+    async fn fetch(
+        &self,
+        keys: &[&[u8]],
+        view: View,
+    ) -> Result<Vec<Option<Arc<Item>>>, StoreError> {
+        let mut results: Vec<Option<Option<Arc<Item>>>> = vec![None; keys.len()];
         let mut lead = Leader {
             reads: &self.reads,
             keys,
@@ -235,7 +312,7 @@ impl<S: Store> Engine<S> {
                 many => self.store.get_many(many).await,
             };
             let now_ms = self.now_ms();
-            match &read {
+            match read {
                 Ok(items) => {
                     for ((i, flight), found) in lead.flights.iter().zip(items) {
                         // Fill only if no write took the flight out of the map.
@@ -244,26 +321,27 @@ impl<S: Store> Engine<S> {
                             let ours = Arc::ptr_eq(f, flight);
                             if ours
                                 && self.observed(key, found.as_ref())
-                                && let Some(item) = found
+                                && let Some(item) = &found
                                 && item.is_live(view)
                             {
                                 self.fill_at(key, item, view, now_ms);
                             }
                             ours
                         });
-                        let item = found.clone().filter(|item| item.is_live(view));
+                        // Shared, not copied, with the requests that joined.
+                        let item = found.filter(|item| item.is_live(view)).map(Arc::new);
                         let _ = flight.result.send(Some(Ok(item.clone())));
-                        results[*i] = Some(item.clone());
+                        results[*i] = Some(item);
                     }
                 }
                 Err(e) => {
                     for (_, flight) in &lead.flights {
                         let _ = flight.result.send(Some(Err(e.clone())));
                     }
+                    return Err(e);
                 }
             }
             lead.finish();
-            read?;
         }
         for (i, mut rx) in follow {
             self.counters.record(Event::CacheCoalesced);
@@ -279,7 +357,8 @@ impl<S: Store> Engine<S> {
                     .store
                     .get(keys[i])
                     .await?
-                    .filter(|item| item.is_live(view)),
+                    .filter(|item| item.is_live(view))
+                    .map(Arc::new),
             });
         }
         Ok(results
@@ -297,13 +376,13 @@ impl<S: Store> Engine<S> {
         keys: Keys<'_>,
         cas: bool,
         exptime: i32,
-        out: &mut BytesMut,
+        out: &mut Output<'_>,
         view: View,
     ) -> Outcome {
         if let Err(e) = self.check_keys(keys.iter()) {
-            return error_reply(out, &e);
+            return error_reply(out.buf(), &e);
         }
-        let start = out.len();
+        let start = out.mark();
         let mut all_hit = true;
         let op = Op::Touch {
             expires_at: expiry(exptime, view.now),
@@ -314,7 +393,9 @@ impl<S: Store> Engine<S> {
             match self.write(key, op, view).await {
                 Ok(Done::Written(item)) => {
                     self.counters.record(Event::GetHits);
-                    value_reply(out, key, item.flags, &item.value, item.version, cas);
+                    out.make_room(key.len() + item.value.len() + REPLY_HEAD)
+                        .await;
+                    value_reply(out.buf(), key, item.flags, &item.value, item.version, cas);
                 }
                 Ok(Done::Refused(..)) => {
                     self.counters.record(Event::GetMisses);
@@ -322,11 +403,11 @@ impl<S: Store> Engine<S> {
                 }
                 Err(e) => {
                     out.truncate(start);
-                    return error_reply(out, &e);
+                    return error_reply(out.buf(), &e);
                 }
             }
         }
-        Reply::End.encode(out);
+        Reply::End.encode(out.buf());
         if all_hit { Outcome::Hit } else { Outcome::Miss }
     }
 }
@@ -351,7 +432,7 @@ impl<T> Lookup<T> {
     }
 }
 
-type ReadResult = Result<Option<Item>, StoreError>;
+type ReadResult = Result<Option<Arc<Item>>, StoreError>;
 
 /// One store read in flight; requests missing the same key wait for its result.
 pub(super) struct Flight {

@@ -12,7 +12,7 @@ fn engine() -> Engine<MemoryStore> {
 
 /// Runs every request in `input` at `now`, as a connection would.
 async fn run(engine: &Engine<MemoryStore>, input: &[u8], now: u32) -> String {
-    let mut out = BytesMut::new();
+    let mut out = Output::collect();
     let mut rest = input;
     loop {
         match parse(rest, &Limits::default()) {
@@ -26,7 +26,7 @@ async fn run(engine: &Engine<MemoryStore>, input: &[u8], now: u32) -> String {
                 noreply,
             } => {
                 if !noreply {
-                    reply.encode(&mut out);
+                    reply.encode(out.buf());
                 }
                 rest = &rest[len..];
             }
@@ -34,7 +34,7 @@ async fn run(engine: &Engine<MemoryStore>, input: &[u8], now: u32) -> String {
             other => panic!("unexpected {other:?}"),
         }
     }
-    String::from_utf8(out.to_vec()).unwrap()
+    String::from_utf8(out.pending().to_vec()).unwrap()
 }
 
 #[tokio::test]

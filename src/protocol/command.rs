@@ -154,7 +154,24 @@ impl Command<'_> {
 pub struct Keys<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Keys<'a> {
-    pub fn iter(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.0.split(|&b| b == b' ').filter(|k| !k.is_empty())
+    pub fn iter(&self) -> KeyIter<'a> {
+        KeyIter(self.0)
+    }
+}
+
+/// The keys of a [`Keys`], in order. A named type (not a closure-built
+/// iterator), so futures that hold one across an await stay `Send`.
+#[derive(Debug, Clone)]
+pub struct KeyIter<'a>(&'a [u8]);
+
+impl<'a> Iterator for KeyIter<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let start = self.0.iter().position(|&b| b != b' ')?;
+        let rest = &self.0[start..];
+        let end = rest.iter().position(|&b| b == b' ').unwrap_or(rest.len());
+        self.0 = &rest[end..];
+        Some(&rest[..end])
     }
 }

@@ -208,27 +208,28 @@ impl DynamoStore {
     }
 
     /// An item as DynamoDB holds it; a missing attribute takes its default
-    /// (items other programs wrote may lack flags or a version).
-    fn item_from(&self, attrs: &HashMap<String, AttributeValue>) -> Result<Item, StoreError> {
+    /// (items other programs wrote may lack flags or a version). Takes the
+    /// attributes by value: the value's bytes move, they are not copied.
+    fn item_from(&self, mut attrs: HashMap<String, AttributeValue>) -> Result<Item, StoreError> {
         let s = &self.settings;
-        let value = match attrs.get(&s.value_attribute) {
-            Some(AttributeValue::B(b)) => b.as_ref().to_vec(),
+        let value = match attrs.remove(&s.value_attribute) {
+            Some(AttributeValue::B(b)) => b.into_inner(),
             // Tables written by django-dynamodb-sessions hold strings.
-            Some(AttributeValue::S(text)) => text.as_bytes().to_vec(),
+            Some(AttributeValue::S(text)) => text.into_bytes(),
             Some(_) => return Err(bad_attr(&s.value_attribute)),
             None => Vec::new(),
         };
         Ok(Item {
             value,
-            flags: number(attrs, &s.flags_attribute)?.unwrap_or(0),
-            expires_at: expiry(attrs, &s.expiry_attribute)?,
-            version: number(attrs, &s.version_attribute)?.unwrap_or(0),
+            flags: number(&attrs, &s.flags_attribute)?.unwrap_or(0),
+            expires_at: expiry(&attrs, &s.expiry_attribute)?,
+            version: number(&attrs, &s.version_attribute)?.unwrap_or(0),
         })
     }
 
     fn item_in(
         &self,
-        attrs: Option<&HashMap<String, AttributeValue>>,
+        attrs: Option<HashMap<String, AttributeValue>>,
     ) -> Result<Option<Item>, StoreError> {
         match attrs {
             Some(attrs) if !attrs.is_empty() => self.item_from(attrs).map(Some),
@@ -492,7 +493,7 @@ impl Store for DynamoStore {
             .consistent_read(self.settings.consistent_reads)
             .send();
         match self.send("GetItem", call).await {
-            Ok(out) => self.item_in(out.item()),
+            Ok(out) => self.item_in(out.item),
             Err(e) => Err(classify(&e)),
         }
     }
@@ -528,22 +529,22 @@ impl Store for DynamoStore {
                     .batch_get_item()
                     .request_items(&s.table, request)
                     .send();
-                let out = self
+                let mut out = self
                     .send("BatchGetItem", call)
                     .await
                     .map_err(|e| classify(&e))?;
-                for attrs in out
-                    .responses()
-                    .and_then(|r| r.get(&s.table))
-                    .into_iter()
-                    .flatten()
-                {
-                    let key = match attrs.get(&s.key_attribute) {
-                        Some(AttributeValue::S(k)) => k.as_bytes(),
-                        Some(AttributeValue::B(k)) => k.as_ref(),
+                let found = out
+                    .responses
+                    .take()
+                    .and_then(|mut r| r.remove(&s.table))
+                    .unwrap_or_default();
+                for attrs in found {
+                    let i = match attrs.get(&s.key_attribute) {
+                        Some(AttributeValue::S(k)) => index.get(k.as_bytes()),
+                        Some(AttributeValue::B(k)) => index.get(k.as_ref()),
                         _ => return Err(bad_attr(&s.key_attribute)),
                     };
-                    if let Some(&i) = index.get(key) {
+                    if let Some(&i) = i {
                         items[i] = self.item_in(Some(attrs))?;
                     }
                 }
@@ -657,7 +658,7 @@ impl Store for DynamoStore {
                 }
             }
         };
-        Ok(Written::Conflict(self.item_in(returned.as_ref())?))
+        Ok(Written::Conflict(self.item_in(returned)?))
     }
 
     async fn ready(&self) -> Result<(), String> {
