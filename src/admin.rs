@@ -77,17 +77,26 @@ impl<S: Store> Admin<S> {
         {
             return result.clone();
         }
+        if let Some(fleet) = self.engine.fleet()
+            && !fleet.may_acknowledge()
+        {
+            return Err("joining the fleet: not all members have answered yet".into());
+        }
         let result = self.engine.store().ready().await;
         *last = Some((Instant::now(), result.clone()));
         result
     }
 
     fn metrics(&self) -> String {
-        crate::metrics::render(
+        let mut text = crate::metrics::render(
             self.recorder.as_ref(),
             self.engine.counters(),
             &self.engine.cache().stats(),
-        )
+        );
+        if let Some(fleet) = self.engine.fleet() {
+            fleet.render(&mut text);
+        }
+        text
     }
 }
 

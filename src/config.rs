@@ -95,6 +95,56 @@ pub struct Config {
     pub dynamodb: DynamoSettings,
     /// Used by `dynacache init-table` only.
     pub table: TableSettings,
+    /// Fleet mode (docs/fleet.md): off unless `fleet.listen` is set.
+    pub fleet: FleetSettings,
+}
+
+/// The `[fleet]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetSettings {
+    /// The peer port; set = fleet mode on.
+    pub listen: Option<SocketAddr>,
+    /// The address peers dial (`host:port`); `listen` if unset.
+    pub advertise: Option<String>,
+    /// How long a peer's permission to serve from memory lasts: a write
+    /// waits at most this long for a peer that stopped answering.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often every member reads the membership (one strongly
+    /// consistent read of one item).
+    #[serde(with = "humantime_serde")]
+    pub membership_period: Duration,
+    /// The secret peers prove they share (or `DYNACACHE_FLEET_SECRET`).
+    /// Never printed.
+    #[serde(skip_serializing)]
+    pub secret: Option<String>,
+}
+
+impl Default for FleetSettings {
+    fn default() -> Self {
+        FleetSettings {
+            listen: None,
+            advertise: None,
+            lease: Duration::from_secs(1),
+            membership_period: Duration::from_secs(1),
+            secret: None,
+        }
+    }
+}
+
+impl FleetSettings {
+    /// The fleet's options, when fleet mode is on.
+    pub fn options(&self) -> Option<crate::fleet::FleetOptions> {
+        let listen = self.listen?;
+        Some(crate::fleet::FleetOptions {
+            listen,
+            advertise: self.advertise.clone().unwrap_or_else(|| listen.to_string()),
+            lease: self.lease,
+            membership_period: self.membership_period,
+            secret: self.secret.clone().unwrap_or_default(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -126,6 +176,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             dynamodb: DynamoSettings::default(),
             table: TableSettings::default(),
+            fleet: FleetSettings::default(),
         }
     }
 }
@@ -253,6 +304,34 @@ impl Config {
 
     /// [`Config::validate`] against `machine`'s limits.
     fn validate_on(&self, machine: &Machine) -> Result<(), ConfigError> {
+        let f = &self.fleet;
+        if f.listen.is_some() {
+            if f.secret.as_deref().is_none_or(|s| s.len() < 16) {
+                return Err(invalid(
+                    "fleet.secret",
+                    "fleet mode needs a secret of at least 16 bytes (or DYNACACHE_FLEET_SECRET), the same on every member",
+                ));
+            }
+            if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&f.lease) {
+                return Err(invalid("fleet.lease", "must be between 100ms and 60s"));
+            }
+            if !(Duration::from_millis(100)..=Duration::from_secs(60))
+                .contains(&f.membership_period)
+            {
+                return Err(invalid(
+                    "fleet.membership_period",
+                    "must be between 100ms and 60s",
+                ));
+            }
+            if let Some(advertise) = &f.advertise
+                && !advertise.contains(':')
+            {
+                return Err(invalid(
+                    "fleet.advertise",
+                    format!("{advertise:?} is not host:port"),
+                ));
+            }
+        }
         if self.tcp_listen().is_none() && self.unix_socket.is_none() {
             return Err(invalid(
                 "listen",
@@ -500,10 +579,21 @@ fn environment() -> Env {
             .unwrap_or_default(),
         Err(_) => Vec::new(),
     };
-    Env::prefixed(ENV_PREFIX).split("__").filter(move |key| {
-        let first = key.as_str().split('.').next().unwrap_or_default();
-        keys.iter().any(|k| k.eq_ignore_ascii_case(first))
-    })
+    Env::prefixed(ENV_PREFIX)
+        // The one variable named without the section separator, as the
+        // README documents it.
+        .map(|key| {
+            if key.as_str().eq_ignore_ascii_case("fleet_secret") {
+                "fleet__secret".into()
+            } else {
+                key.into()
+            }
+        })
+        .split("__")
+        .filter(move |key| {
+            let first = key.as_str().split('.').next().unwrap_or_default();
+            keys.iter().any(|k| k.eq_ignore_ascii_case(first))
+        })
 }
 
 /// Byte sizes written as people write them ("64 MiB"), or as a number of

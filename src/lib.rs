@@ -12,6 +12,7 @@ pub mod cache;
 pub mod config;
 pub mod connection;
 pub mod engine;
+pub mod fleet;
 pub mod listener;
 pub mod metrics;
 pub mod output;

@@ -175,6 +175,57 @@ struct Flags {
 
     #[command(flatten)]
     dynamodb: DynamoFlags,
+
+    #[command(flatten)]
+    fleet: FleetFlags,
+}
+
+/// Flags of the `[fleet]` section (docs/fleet.md).
+#[derive(Debug, Args, Serialize)]
+struct FleetFlags {
+    /// The peer port, e.g. 0.0.0.0:11311; set = fleet mode on [default: off].
+    #[arg(
+        long = "fleet-listen",
+        value_name = "ADDR",
+        global = true,
+        help_heading = "Fleet"
+    )]
+    #[serde(rename = "listen", skip_serializing_if = "Option::is_none")]
+    fleet_listen: Option<SocketAddr>,
+    /// The address peers dial, host:port [default: --fleet-listen].
+    #[arg(
+        long = "fleet-advertise",
+        value_name = "HOST:PORT",
+        global = true,
+        help_heading = "Fleet"
+    )]
+    #[serde(rename = "advertise", skip_serializing_if = "Option::is_none")]
+    fleet_advertise: Option<String>,
+    /// A lease's term: how long a write waits at most for a peer that stopped answering [default: 1s].
+    #[arg(long = "fleet-lease", value_name = "DURATION", value_parser = humantime::parse_duration, global = true, help_heading = "Fleet")]
+    #[serde(
+        rename = "lease",
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option"
+    )]
+    fleet_lease: Option<Duration>,
+    /// How often the membership is read from DynamoDB [default: 1s].
+    #[arg(long = "fleet-membership-period", value_name = "DURATION", value_parser = humantime::parse_duration, global = true, help_heading = "Fleet")]
+    #[serde(
+        rename = "membership_period",
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option"
+    )]
+    fleet_membership_period: Option<Duration>,
+    /// The secret every member shares (prefer DYNACACHE_FLEET_SECRET: flags show in `ps`).
+    #[arg(
+        long = "fleet-secret",
+        value_name = "SECRET",
+        global = true,
+        help_heading = "Fleet"
+    )]
+    #[serde(rename = "secret", skip_serializing_if = "Option::is_none")]
+    fleet_secret: Option<String>,
 }
 
 /// Flags of the `[dynamodb]` section.

@@ -35,6 +35,8 @@ pub const CACHE_STALE_SERVED: &str = "dynacache_cache_stale_served_total";
 pub const CACHE_REVALIDATIONS: &str = "dynacache_cache_revalidations_total";
 pub const WRITES_FENCED: &str = "dynacache_writes_fenced_total";
 pub const WRITES: &str = "dynacache_writes_total";
+pub const FLEET_READS_THROUGH: &str = "dynacache_fleet_reads_through_total";
+pub const FLEET_ACK_WAIT: &str = "dynacache_fleet_ack_wait_seconds";
 pub const DYNAMODB_RETRIES: &str = "dynacache_dynamodb_retries_total";
 pub const DYNAMODB_READ_CAPACITY: &str = "dynacache_dynamodb_consumed_read_capacity_units_total";
 pub const DYNAMODB_WRITE_CAPACITY: &str = "dynacache_dynamodb_consumed_write_capacity_units_total";
@@ -66,6 +68,7 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         .set_buckets_for_metric(Matcher::Full(COMMAND_DURATION.into()), COMMAND_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(DYNAMODB_DURATION.into()), DURATION_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(DYNAMODB_BATCH_KEYS.into()), BATCH_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(FLEET_ACK_WAIT.into()), COMMAND_BUCKETS)?
         .install_recorder()?;
     describe();
     Ok(handle)
@@ -90,6 +93,11 @@ fn describe() {
     describe_histogram!(
         DYNAMODB_BATCH_KEYS,
         "Keys per BatchGetItem call (multi-get misses)."
+    );
+    describe_histogram!(
+        FLEET_ACK_WAIT,
+        Unit::Seconds,
+        "Fleet mode: how long a write waited for its peers' acknowledgements."
     );
     describe_counter!(
         DYNAMODB_RETRIES,
@@ -150,6 +158,9 @@ pub enum Event {
     WritesRefused,
     /// ...and that failed (an error answered).
     WritesFailed,
+    /// Fleet mode: keys read from DynamoDB, not memory, because a peer's
+    /// lease was missing.
+    FleetReadsThrough,
 }
 
 impl Event {
@@ -166,6 +177,7 @@ impl Event {
                 | Event::WritesDone
                 | Event::WritesRefused
                 | Event::WritesFailed
+                | Event::FleetReadsThrough
         )
     }
 
@@ -203,6 +215,10 @@ impl Event {
             Event::WritesFenced => (
                 WRITES_FENCED,
                 "Writes whose outcome was unknown (a timeout), made unable to land later.",
+            ),
+            Event::FleetReadsThrough => (
+                FLEET_READS_THROUGH,
+                "Fleet mode: keys read from DynamoDB instead of memory because a peer's lease was missing.",
             ),
             Event::TotalConnections => (
                 CONNECTIONS_TOTAL,

@@ -125,6 +125,17 @@ async fn serve<S: Store>(
         item_size_max: limits.item_size_max,
     };
     let engine = Arc::new(Engine::with_options(cache, store, options));
+    // Fleet mode: join before serving (writes wait until joined).
+    let fleet = match config.fleet.options() {
+        Some(options) => {
+            let fleet = engine.join_fleet(options);
+            let local: std::sync::Weak<dyn crate::fleet::LocalCache> =
+                Arc::downgrade(&engine) as std::sync::Weak<dyn crate::fleet::LocalCache>;
+            fleet.start(local).await?;
+            Some(fleet)
+        }
+        None => None,
+    };
     // A flush_all made before this process started still hides old items.
     if let Err(e) = engine.refresh_flush_marker().await {
         tracing::warn!(error = %e, "cannot read the flush_all marker yet; retrying in the background");
@@ -151,7 +162,15 @@ async fn serve<S: Store>(
         shutdown_grace: config.shutdown_grace,
         shutdown: shutdown.clone(),
     };
-    let accepting = tokio::spawn(serving.accept(listeners));
+    let accepting = tokio::spawn(async move {
+        let drained = serving.accept(listeners).await;
+        // Served what was in flight: now leave the fleet, so peers stop
+        // waiting for this member.
+        if let Some(fleet) = fleet {
+            fleet.leave().await;
+        }
+        drained
+    });
     Ok(Running {
         engine,
         tcp,

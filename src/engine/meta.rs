@@ -68,6 +68,7 @@ impl<S: Store> Engine<S> {
                 // (one that does not fit the output waits for room first).
                 let now_ms = self.now_ms();
                 let lookup = loop {
+                    let mark = out.mark();
                     let served = self.fresh_with(key, view, now_ms, |entry| {
                         let size = entry.value().len() + key.len() + REPLY_HEAD;
                         if !out.fits(size) {
@@ -89,7 +90,11 @@ impl<S: Store> Engine<S> {
                     });
                     match served.served() {
                         Ok(Err(size)) => out.make_room(size).await,
-                        other => break other,
+                        Ok(Ok(())) => break Ok(()),
+                        Err(lookup) => {
+                            out.truncate(mark);
+                            break Err(lookup);
+                        }
                     }
                 };
                 match lookup {

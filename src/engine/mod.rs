@@ -34,6 +34,7 @@ use dashmap::DashMap;
 use tokio::sync::Notify;
 
 use crate::cache::ItemCache;
+use crate::fleet::{Fleet, LocalCache};
 use crate::metrics::{CommandKind, Counters, Event, Outcome};
 use crate::output::Output;
 use crate::protocol::{Command, Reply, StoreMode};
@@ -109,7 +110,9 @@ impl Default for EngineOptions {
 
 pub struct Engine<S> {
     cache: ItemCache,
-    store: S,
+    store: Arc<S>,
+    /// Fleet mode: the peers whose memory this engine keeps coherent.
+    fleet: std::sync::OnceLock<Arc<Fleet<S>>>,
     options: EngineOptions,
     versions: VersionClock,
     counters: Counters,
@@ -135,7 +138,8 @@ impl<S: Store> Engine<S> {
     pub fn with_options(cache: ItemCache, store: S, options: EngineOptions) -> Engine<S> {
         Engine {
             cache,
-            store,
+            store: Arc::new(store),
+            fleet: std::sync::OnceLock::new(),
             options,
             versions: VersionClock::new(),
             counters: Counters::new(),
@@ -155,6 +159,25 @@ impl<S: Store> Engine<S> {
 
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// Fleet mode: a fleet on this engine's store and clock (see
+    /// `crate::fleet`). Start it with [`Fleet::start`], giving it this engine.
+    pub fn join_fleet(&self, options: crate::fleet::FleetOptions) -> Arc<Fleet<S>> {
+        let fleet = Fleet::new(options, self.store.clone(), self.epoch);
+        let _ = self.fleet.set(fleet.clone());
+        fleet
+    }
+
+    /// The fleet, in fleet mode.
+    pub fn fleet(&self) -> Option<&Arc<Fleet<S>>> {
+        self.fleet.get()
+    }
+
+    /// The coherence epoch (fleet mode), captured when a read or write
+    /// begins: its result fills the cache only if it is still current.
+    fn epoch_now(&self) -> u64 {
+        self.fleet.get().map_or(0, |f| f.epoch())
     }
 
     /// What this engine counted (for `stats`, `/metrics` and tests).
@@ -319,16 +342,26 @@ impl<S: Store> Engine<S> {
 
     /// Caches what the store just confirmed it holds; an item that is not
     /// live instead removes any cached copy.
-    fn fill(&self, key: &[u8], item: &Item, view: View) {
-        self.fill_at(key, item, view, self.now_ms());
+    fn fill(&self, key: &[u8], item: &Item, view: View, epoch: u64) {
+        self.fill_at(key, item, view, self.now_ms(), epoch);
     }
 
-    fn fill_at(&self, key: &[u8], item: &Item, view: View, now_ms: u64) {
-        if item.is_live(view) && self.observed(key, Some(item)) {
-            if !self.cache.insert_item(key, item, now_ms) {
-                self.counters.record(Event::StoreNoMemory);
-            }
-        } else {
+    fn fill_at(&self, key: &[u8], item: &Item, view: View, now_ms: u64, epoch: u64) {
+        if !(item.is_live(view) && self.observed(key, Some(item))) {
+            self.cache.remove(key);
+            return;
+        }
+        // Fleet mode: only while coherent, and only from a read or write
+        // that began in this coherence epoch (checked again after the
+        // insert, which a regain may have raced: its clear comes after).
+        let current = |f: &Arc<Fleet<S>>| f.coherent(self.now_ms()) && f.epoch() == epoch;
+        if self.fleet.get().is_some_and(|f| !current(f)) {
+            return;
+        }
+        if !self.cache.insert_item(key, item, now_ms) {
+            self.counters.record(Event::StoreNoMemory);
+        }
+        if self.fleet.get().is_some_and(|f| f.epoch() != epoch) {
             self.cache.remove(key);
         }
     }
@@ -455,6 +488,41 @@ fn error_reply(out: &mut BytesMut, e: &StoreError) -> Outcome {
         other => Reply::ServerError(&other.to_string()).encode(out),
     }
     outcome_of(e)
+}
+
+/// What the fleet does to this engine's memory (see `crate::fleet`).
+impl<S: Store> LocalCache for Engine<S> {
+    fn invalidate(&self, key: &[u8], doubt: Option<(Option<u64>, u64)>) {
+        if let Some((expected, ours)) = doubt {
+            self.doubt_remote(key, expected, ours);
+        } else {
+            // A write that landed: any doubt a peer told us of is over.
+            self.doubts.remove_if(key, |_, d| d.is_remote());
+        }
+        // Writes of the key in flight here will not cache their result...
+        self.writes.invalidated(key);
+        // ...nor will reads in flight, nor later gets that would have
+        // joined them.
+        self.reads.remove(key);
+        self.cache.remove(key);
+    }
+
+    fn flush(&self, before: u64) {
+        self.apply_flush(before);
+    }
+
+    fn regain(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+        Box::pin(async move {
+            self.cache.clear();
+            match self.refresh_flush_marker().await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the flush_all marker: not serving from memory yet");
+                    false
+                }
+            }
+        })
+    }
 }
 
 #[cfg(test)]

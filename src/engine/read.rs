@@ -47,6 +47,7 @@ impl<S: Store> Engine<S> {
             // lock; one that does not fit the output waits for room first
             // (and is then looked up again: nothing is copied).
             let lookup = loop {
+                let mark = out.mark();
                 let served = self.fresh_with(key, view, now_ms, |entry| {
                     let size = key.len() + entry.value().len() + REPLY_HEAD;
                     if !out.fits(size) {
@@ -58,11 +59,15 @@ impl<S: Store> Engine<S> {
                 });
                 match served.served() {
                     Ok(Err(size)) => out.make_room(size).await,
-                    other => break other,
+                    Ok(Ok(())) => break Ok(()),
+                    Err(lookup) => {
+                        out.truncate(mark);
+                        break Err(lookup);
+                    }
                 }
             };
             match lookup {
-                Ok(_) => {
+                Ok(()) => {
                     self.counters.record(Event::CacheHits);
                     self.counters.record(Event::GetHits);
                 }
@@ -250,6 +255,20 @@ impl<S: Store> Engine<S> {
         now_ms: u64,
         serve: impl FnOnce(EntryRef<'_>) -> R,
     ) -> Lookup<R> {
+        // Fleet mode: memory is served only while every peer's lease is
+        // held, checked on the clock of this moment (not the request's
+        // start: the process may have been paused since), and again after
+        // the entry was read: only if this member was coherent throughout
+        // (same epoch) was the entry current at some instant of the read.
+        // A caller that `serve`d into its output drops what it wrote when
+        // the answer is not `Fresh`.
+        let fleet = self.fleet.get().map(|fleet| (fleet, fleet.epoch()));
+        if let Some((fleet, _)) = fleet
+            && !fleet.coherent(self.now_ms())
+        {
+            self.counters.record(Event::FleetReadsThrough);
+            return Lookup::Absent;
+        }
         let max = self.options.max_local_age.as_millis() as u64;
         let found = self.cache.lookup(key, view.now, |entry| {
             if entry.version() < view.flushed_before {
@@ -261,6 +280,12 @@ impl<S: Store> Engine<S> {
                 Ok(serve(entry))
             }
         });
+        if let Some((fleet, epoch)) = fleet
+            && !(fleet.coherent(self.now_ms()) && fleet.epoch() == epoch)
+        {
+            self.counters.record(Event::FleetReadsThrough);
+            return Lookup::Absent;
+        }
         match found {
             Err(Miss::Absent) => Lookup::Absent,
             Err(Miss::Expired) => {
@@ -306,11 +331,28 @@ impl<S: Store> Engine<S> {
             }
         }
         if !lead.flights.is_empty() {
-            let lead_keys: Vec<&[u8]> = lead.flights.iter().map(|(i, _)| keys[*i]).collect();
+            let mut lead_keys: Vec<&[u8]> = lead.flights.iter().map(|(i, _)| keys[*i]).collect();
+            let epoch = self.epoch_now();
+            // Fleet mode, not coherent: a flush_all acknowledged meanwhile
+            // did not wait for this member, so the marker comes along.
+            let with_marker = self.fleet.get().is_some_and(|f| !f.coherent(self.now_ms()));
+            if with_marker {
+                lead_keys.push(super::admin::FLUSH_MARKER_KEY);
+            }
             let read = match lead_keys.as_slice() {
                 [one] => self.store.get(one).await.map(|item| vec![item]),
                 many => self.store.get_many(many).await,
             };
+            let mut view = view;
+            let read = read.map(|mut items| {
+                if with_marker {
+                    if let Some(marker) = items.pop().flatten() {
+                        self.apply_flush(marker.version);
+                    }
+                    view = self.view(view.now);
+                }
+                items
+            });
             let now_ms = self.now_ms();
             match read {
                 Ok(items) => {
@@ -324,7 +366,7 @@ impl<S: Store> Engine<S> {
                                 && let Some(item) = &found
                                 && item.is_live(view)
                             {
-                                self.fill_at(key, item, view, now_ms);
+                                self.fill_at(key, item, view, now_ms, epoch);
                             }
                             ours
                         });

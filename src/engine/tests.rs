@@ -163,6 +163,10 @@ async fn delete_and_touch_() {
     // item, whose version a late write conditioned on an older one fails on.
     let tombstone = e.store().raw(b"k").unwrap();
     assert!(!tombstone.is_live(View::at(NOW)) && tombstone.value.is_empty());
+    // Not even for a read whose clock says an earlier time (it began in an
+    // earlier second, or its host's clock is behind): an empty value no
+    // client wrote must never be served.
+    assert!(!tombstone.is_live(View::at(NOW - 3600)));
     assert_eq!(run(&e, b"delete k\r\n", NOW).await, "NOT_FOUND\r\n");
 }
 

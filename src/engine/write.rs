@@ -30,6 +30,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 use super::Engine;
+use crate::fleet::Fleet;
 use crate::metrics::Event;
 use crate::protocol::StoreMode;
 use crate::store::{Change, Expect, Item, RESERVED_PREFIX, Store, StoreError, View, Written};
@@ -105,11 +106,42 @@ pub(super) struct Doubt {
     /// The item the lost write replaces, for the fence.
     prior: Option<Item>,
     ours: u64,
+    /// A peer's write (fleet mode): the peer fences it; this member only
+    /// keeps the key uncached, until it sees the outcome or `REMOTE_DOUBT`.
+    remote: Option<std::time::Instant>,
 }
 
+/// How long a peer's doubt is kept at most: AWS refuses requests signed
+/// more than 5 minutes earlier, so no write lands later than that.
+const REMOTE_DOUBT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Fleet mode: how long a write waits for this member to be able to
+/// acknowledge (joining the fleet) before it is refused.
+const FLEET_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 impl Doubt {
+    pub(super) fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// What peers are told of it: the version the lost write expects (None
+    /// for no item) and the one it would leave.
+    fn told(&self) -> (Option<u64>, u64) {
+        let expected = match self.expected {
+            Expect::Missing => None,
+            Expect::Version { version, .. } => Some(version),
+        };
+        (expected, self.ours)
+    }
+
     /// Whether the lost write can still land on a key holding `item`.
     fn still_possible(&self, item: Option<&Item>) -> bool {
+        if self
+            .remote
+            .is_some_and(|since| since.elapsed() > REMOTE_DOUBT)
+        {
+            return false;
+        }
         match (self.expected, item) {
             (Expect::Missing, None) => true,
             (Expect::Version { version, .. }, Some(item)) => item.version == version,
@@ -130,7 +162,15 @@ impl<S: Store> Engine<S> {
         if !matches!(op, Op::Flush { .. }) {
             self.check_key(key)?;
         }
-        let _lock = self.writes.lock(key).await;
+        // Fleet mode: a member that could not acknowledge does not write.
+        let fleet = self.fleet.get();
+        if let Some(fleet) = fleet
+            && !fleet.writable(FLEET_WAIT).await
+        {
+            return Err(StoreError::FleetUnknown);
+        }
+        let lock = self.writes.lock(key).await;
+        let epoch = self.epoch_now();
         let result = self.write_locked(key, op, view).await;
         // Whatever a read in flight got is older than this write's outcome.
         self.reads.remove(key);
@@ -141,14 +181,14 @@ impl<S: Store> Engine<S> {
                 self.doubts.remove(key);
                 match op {
                     Op::Flush { before } => self.apply_flush(before),
-                    _ => self.fill(key, item, view),
+                    _ => self.fill(key, item, view, epoch),
                 }
             }
             Ok(Done::Refused(_, current)) => {
                 self.observed(key, current.as_ref());
                 match current {
                     Some(current) if !matches!(op, Op::Flush { .. }) => {
-                        self.fill(key, current, view)
+                        self.fill(key, current, view, epoch)
                     }
                     _ => {
                         self.cache.remove(key);
@@ -159,8 +199,43 @@ impl<S: Store> Engine<S> {
                 self.cache.remove(key);
             }
         }
+        // A peer's write of the key invalidated it while this one was in
+        // flight: which of the two is newer, the cache cannot tell.
+        if lock.take_invalidated() {
+            self.cache.remove(key);
+        }
+        let result = match fleet {
+            None => result,
+            Some(fleet) => self.tell_fleet(fleet, key, op, result).await,
+        };
         self.count_write(op, &result);
         result
+    }
+
+    /// Fleet mode: tells every peer holding this member's lease about the
+    /// write, and waits for each (or for its lease to end) before the write
+    /// is answered. A write of unknown outcome is told too, as a doubt.
+    async fn tell_fleet(
+        &self,
+        fleet: &Fleet<S>,
+        key: &[u8],
+        op: Op<'_>,
+        result: Result<Done, StoreError>,
+    ) -> Result<Done, StoreError> {
+        match (&result, op) {
+            (Ok(Done::Written(_)), Op::Flush { before }) => fleet.flush(before).await,
+            (Ok(Done::Written(_)), _) => fleet.acknowledge(key, None).await,
+            (Err(e), _) if e.outcome_unknown() => {
+                let doubt = self.doubts.get(key).map(|d| d.told());
+                fleet.acknowledge(key, doubt).await;
+            }
+            _ => {}
+        }
+        match result {
+            // It landed, but the fleet may not all have heard: say so.
+            Ok(Done::Written(_)) if !fleet.may_acknowledge() => Err(StoreError::FleetUnknown),
+            other => other,
+        }
     }
 
     /// Checks that the table can hold `key` and that it is not one of
@@ -229,6 +304,7 @@ impl<S: Store> Engine<S> {
                                 expected: expect,
                                 prior: prior.item,
                                 ours: new.version,
+                                remote: None,
                             },
                         );
                     }
@@ -244,6 +320,30 @@ impl<S: Store> Engine<S> {
         self.doubts.insert(Box::from(key), doubt);
         self.cache.remove(key);
         self.doubt_added.notify_one();
+    }
+
+    /// A peer's write of `key` may land later (fleet mode): keep the key
+    /// uncached while DynamoDB may hold `expected` (None: nothing).
+    pub(super) fn doubt_remote(&self, key: &[u8], expected: Option<u64>, ours: u64) {
+        let expected = match expected {
+            None => Expect::Missing,
+            Some(version) => Expect::Version {
+                version,
+                live: false,
+            },
+        };
+        // A doubt of our own stays: we must fence it.
+        if self.doubts.get(key).is_none_or(|d| d.is_remote()) {
+            self.doubts.insert(
+                Box::from(key),
+                Doubt {
+                    expected,
+                    prior: None,
+                    ours,
+                    remote: Some(std::time::Instant::now()),
+                },
+            );
+        }
     }
 
     /// DynamoDB was seen holding `item` for `key`: a doubt that cannot come
@@ -271,12 +371,23 @@ impl<S: Store> Engine<S> {
     /// expects nothing), so it can never land; or finds that it landed.
     /// Returns how many are still in doubt (DynamoDB still failing).
     pub async fn settle_doubts(&self) -> usize {
-        let keys: Vec<Box<[u8]>> = self.doubts.iter().map(|d| d.key().clone()).collect();
+        // Peers' doubts are theirs to fence; they expire on their own.
+        self.doubts
+            .retain(|_, d| d.remote.is_none_or(|since| since.elapsed() <= REMOTE_DOUBT));
+        let keys: Vec<Box<[u8]>> = self
+            .doubts
+            .iter()
+            .filter(|d| !d.is_remote())
+            .map(|d| d.key().clone())
+            .collect();
         for key in keys {
             let _lock = self.writes.lock(&key).await;
             let Some(doubt) = self.doubts.get(&key[..]).map(|d| d.clone()) else {
                 continue;
             };
+            if doubt.is_remote() {
+                continue;
+            }
             let view = self.view(super::unix_now());
             let version = self.versions.next_after(doubt.ours);
             let fence = match &doubt.prior {
@@ -301,13 +412,17 @@ impl<S: Store> Engine<S> {
                     self.reads.remove(&key[..]);
                     self.cache.remove(&key);
                     self.counters.record(Event::WritesFenced);
+                    // Peers kept the key uncached meanwhile: it is settled.
+                    if let Some(fleet) = self.fleet.get() {
+                        fleet.acknowledge(&key, None).await;
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot fence a write of unknown outcome yet")
                 }
             }
         }
-        self.doubts.len()
+        self.doubts.iter().filter(|d| !d.is_remote()).count()
     }
 
     /// Fences doubts as they come, retrying with backoff while DynamoDB fails.
@@ -509,28 +624,56 @@ pub(super) fn parse_counter(value: &[u8]) -> Option<u64> {
 
 /// Per-key write locks: writes to one key from this process reach the store
 /// and then the cache one at a time, so the cache ends as the store does.
+/// Each also notes whether a peer invalidated the key meanwhile (fleet mode).
 #[derive(Default)]
 pub(super) struct KeyLocks {
-    locks: DashMap<Box<[u8]>, Arc<tokio::sync::Mutex<()>>>,
+    locks: DashMap<Box<[u8]>, Arc<KeyLock>>,
+}
+
+#[derive(Default)]
+pub(super) struct KeyLock {
+    mutex: Arc<tokio::sync::Mutex<()>>,
+    invalidated: std::sync::atomic::AtomicBool,
 }
 
 pub(super) struct KeyLockGuard<'a> {
     locks: &'a KeyLocks,
     key: Box<[u8]>,
-    lock: Option<Arc<tokio::sync::Mutex<()>>>,
+    lock: Option<Arc<KeyLock>>,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl KeyLocks {
     pub(super) async fn lock(&self, key: &[u8]) -> KeyLockGuard<'_> {
         let lock = self.locks.entry(Box::from(key)).or_default().clone();
-        let guard = lock.clone().lock_owned().await;
+        let guard = lock.mutex.clone().lock_owned().await;
+        lock.invalidated
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         KeyLockGuard {
             locks: self,
             key: Box::from(key),
             lock: Some(lock),
             guard: Some(guard),
         }
+    }
+
+    /// A peer wrote `key`: a write of it in flight here must not cache its
+    /// result.
+    pub(super) fn invalidated(&self, key: &[u8]) {
+        if let Some(lock) = self.locks.get(key) {
+            lock.invalidated
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl KeyLockGuard<'_> {
+    /// Whether a peer invalidated the key since the lock was taken.
+    pub(super) fn take_invalidated(&self) -> bool {
+        self.lock.as_ref().is_some_and(|l| {
+            l.invalidated
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+        })
     }
 }
 

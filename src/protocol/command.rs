@@ -1,7 +1,13 @@
-//! Parsed requests. Keys and data borrow from the connection's read buffer:
-//! parsing allocates nothing, and a cache hit copies nothing but the reply.
+//! Parsed requests: [`Command`] and the types it is made of, classic
+//! ([`StoreMode`], [`StatsGroup`], [`Keys`]) and meta ([`Meta`], [`MetaCmd`],
+//! [`MetaFlags`], [`MetaMode`]). Keys and data borrow from the connection's
+//! read buffer: parsing allocates nothing (but for a base64 meta key), and a
+//! cache hit copies nothing but the reply.
+//!
+//! Types only: the parsers that build them are `classic` and `meta`. This
+//! module depends on no other module of the protocol.
 
-use super::meta::Meta;
+use std::borrow::Cow;
 
 /// A storage command's mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,4 +180,112 @@ impl<'a> Iterator for KeyIter<'a> {
         self.0 = &rest[end..];
         Some(&rest[..end])
     }
+}
+
+/// Which meta command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaCmd {
+    Get,
+    Set,
+    Delete,
+    Arith,
+    Debug,
+}
+
+impl MetaCmd {
+    pub fn name(self) -> &'static str {
+        match self {
+            MetaCmd::Get => "mg",
+            MetaCmd::Set => "ms",
+            MetaCmd::Delete => "md",
+            MetaCmd::Arith => "ma",
+            MetaCmd::Debug => "me",
+        }
+    }
+}
+
+/// The `M` flag of `ms` and `ma`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MetaMode {
+    /// `ms` `MS` (the default).
+    #[default]
+    Set,
+    /// `ms` `ME`: add.
+    Add,
+    /// `ms` `MR`: replace.
+    Replace,
+    /// `ms` `MA`.
+    Append,
+    /// `ms` `MP`.
+    Prepend,
+    /// `ma` `MI` / `M+` (the default for `ma`).
+    Incr,
+    /// `ma` `MD` / `M-`.
+    Decr,
+}
+
+/// Most return flags one request can ask for: `c f k O s t`, once each.
+const ECHO_MAX: usize = 6;
+
+/// The flags of one meta request: a small fixed struct that borrows from the
+/// request line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MetaFlags<'a> {
+    /// Return flags (`c f k O s t`) in the order they were sent: replies
+    /// echo them in that order.
+    echo: [u8; ECHO_MAX],
+    echo_len: u8,
+    /// `b`: the key token is base64.
+    pub base64: bool,
+    /// `q`: quiet (which replies it hides depends on the command).
+    pub quiet: bool,
+    /// `v`: return the value.
+    pub value: bool,
+    /// `O<opaque>`: echoed as is (possibly empty).
+    pub opaque: &'a [u8],
+    /// `T<ttl>`: touch (mg, ma) or the item's exptime (ms).
+    pub ttl: Option<i32>,
+    /// `N<ttl>`: vivify on miss (mg, ma).
+    pub vivify: Option<i32>,
+    /// `R<ttl>`: recache (mg); accepted, never wins (see the README).
+    pub recache: Option<i32>,
+    /// `C<cas>`: compare and swap (ms, md, ma).
+    pub cas: Option<u64>,
+    /// `F<flags>` (ms).
+    pub client_flags: u32,
+    /// `M<mode>` (ms, ma).
+    pub mode: Option<MetaMode>,
+    /// `J<initial>` (ma with N).
+    pub initial: u64,
+    /// `D<delta>` (ma), 1 unless given.
+    pub delta: u64,
+    /// `I`: invalidate (md: mark stale; ms: store stale if older).
+    pub invalidate: bool,
+}
+
+impl<'a> MetaFlags<'a> {
+    /// The return flags asked for, in request order.
+    pub fn echo(&self) -> &[u8] {
+        &self.echo[..self.echo_len as usize]
+    }
+
+    /// Records a return flag; the meta parser refuses duplicates before
+    /// this, so there is room.
+    pub(super) fn push_echo(&mut self, flag: u8) {
+        self.echo[self.echo_len as usize] = flag;
+        self.echo_len += 1;
+    }
+}
+
+/// A parsed meta request (see [`Command::Meta`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta<'a> {
+    pub cmd: MetaCmd,
+    /// The key (decoded if `b`).
+    pub key: Cow<'a, [u8]>,
+    /// The key as sent, echoed by `k`.
+    pub key_token: &'a [u8],
+    pub flags: MetaFlags<'a>,
+    /// The data block of `ms`.
+    pub data: &'a [u8],
 }

@@ -1,6 +1,7 @@
-//! Meta commands (memcached 1.6): `mg`, `ms`, `md`, `ma`, `me` (`mn` is
-//! parsed with the classic commands). Flags are parsed into a small fixed
-//! struct that borrows from the request line: only a base64 key (`b`) is
+//! The meta command parsers (memcached 1.6): `mg`, `ms`, `md`, `ma`, `me`
+//! (`mn` is answered by the dispatch, `parse`). They build the request types
+//! of `command` ([`Meta`], [`MetaFlags`]): flags are read into a small fixed
+//! struct that borrows from the request line, and only a base64 key (`b`) is
 //! decoded into an allocation.
 //!
 //! The flag rules follow memcached 1.6.18's `_meta_flag_preparse`, checked
@@ -12,118 +13,15 @@
 
 use std::borrow::Cow;
 
-use super::KEY_MAX_LEN;
-use super::command::Command;
-use super::parse::{Limits, Parsed, Tokens, data_block, exptime_token, invalid, number};
+use base64::Engine as _;
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+
+use super::command::{Command, Meta, MetaCmd, MetaFlags, MetaMode, StoreMode};
+use super::parsed::{BAD_FORMAT, Limits, Parsed, invalid};
 use super::reply::Reply;
+use super::token::{KEY_MAX_LEN, Tokens, data_block, exptime_token, number};
 
-/// Which meta command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MetaCmd {
-    Get,
-    Set,
-    Delete,
-    Arith,
-    Debug,
-}
-
-impl MetaCmd {
-    pub fn name(self) -> &'static str {
-        match self {
-            MetaCmd::Get => "mg",
-            MetaCmd::Set => "ms",
-            MetaCmd::Delete => "md",
-            MetaCmd::Arith => "ma",
-            MetaCmd::Debug => "me",
-        }
-    }
-}
-
-/// The `M` flag of `ms` and `ma`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MetaMode {
-    /// `ms` `MS` (the default).
-    #[default]
-    Set,
-    /// `ms` `ME`: add.
-    Add,
-    /// `ms` `MR`: replace.
-    Replace,
-    /// `ms` `MA`.
-    Append,
-    /// `ms` `MP`.
-    Prepend,
-    /// `ma` `MI` / `M+` (the default for `ma`).
-    Incr,
-    /// `ma` `MD` / `M-`.
-    Decr,
-}
-
-/// Most return flags one request can ask for: `c f k O s t`, once each.
-const ECHO_MAX: usize = 6;
-
-/// The flags of one meta request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct MetaFlags<'a> {
-    /// Return flags (`c f k O s t`) in the order they were sent: replies
-    /// echo them in that order.
-    echo: [u8; ECHO_MAX],
-    echo_len: u8,
-    /// `b`: the key token is base64.
-    pub base64: bool,
-    /// `q`: quiet (which replies it hides depends on the command).
-    pub quiet: bool,
-    /// `v`: return the value.
-    pub value: bool,
-    /// `O<opaque>`: echoed as is (possibly empty).
-    pub opaque: &'a [u8],
-    /// `T<ttl>`: touch (mg, ma) or the item's exptime (ms).
-    pub ttl: Option<i32>,
-    /// `N<ttl>`: vivify on miss (mg, ma).
-    pub vivify: Option<i32>,
-    /// `R<ttl>`: recache (mg); accepted, never wins (see the README).
-    pub recache: Option<i32>,
-    /// `C<cas>`: compare and swap (ms, md, ma).
-    pub cas: Option<u64>,
-    /// `F<flags>` (ms).
-    pub client_flags: u32,
-    /// `M<mode>` (ms, ma).
-    pub mode: Option<MetaMode>,
-    /// `J<initial>` (ma with N).
-    pub initial: u64,
-    /// `D<delta>` (ma), 1 unless given.
-    pub delta: u64,
-    /// `I`: invalidate (md: mark stale; ms: store stale if older).
-    pub invalidate: bool,
-}
-
-impl<'a> MetaFlags<'a> {
-    /// The return flags asked for, in request order.
-    pub fn echo(&self) -> &[u8] {
-        &self.echo[..self.echo_len as usize]
-    }
-
-    fn push_echo(&mut self, flag: u8) {
-        // Duplicates were refused before this, so there is room.
-        self.echo[self.echo_len as usize] = flag;
-        self.echo_len += 1;
-    }
-}
-
-/// A parsed meta request (see [`Command::Meta`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Meta<'a> {
-    pub cmd: MetaCmd,
-    /// The key (decoded if `b`).
-    pub key: Cow<'a, [u8]>,
-    /// The key as sent, echoed by `k`.
-    pub key_token: &'a [u8],
-    pub flags: MetaFlags<'a>,
-    /// The data block of `ms`.
-    pub data: &'a [u8],
-}
-
-const BAD_FORMAT: Reply<'static> = Reply::ClientError("bad command line format");
 const BAD_TOKEN: &str = "bad token in command line format";
 const MD_MA_FLAG_ERROR: Reply<'static> = Reply::ClientError("invalid or duplicate flag");
 
@@ -155,10 +53,8 @@ pub(super) fn meta<'a>(
         } else {
             Cow::Borrowed(key_token)
         };
-        let flags = MetaFlags {
-            base64,
-            ..MetaFlags::default()
-        };
+        let mut flags = MetaFlags::default();
+        flags.base64 = base64;
         return request(cmd, key, key_token, flags, b"", line_len);
     }
     // `ms <key> <datalen>`: the length comes before the flags; the data
@@ -177,9 +73,9 @@ pub(super) fn meta<'a>(
             // A base64 key is not decoded here: the old item is then left as is.
             return Parsed::TooLarge {
                 mode: if base64 {
-                    super::StoreMode::Add
+                    StoreMode::Add
                 } else {
-                    super::StoreMode::Set
+                    StoreMode::Set
                 },
                 key: key_token,
                 len: line_len,
@@ -246,10 +142,8 @@ fn request<'a>(
 /// them: hard errors (unknown or duplicate letter) stop at once; soft ones
 /// (a bad number) are reported unless a hard one follows.
 fn parse_flags<'a>(cmd: MetaCmd, tokens: Tokens<'a>) -> Result<MetaFlags<'a>, Reply<'static>> {
-    let mut flags = MetaFlags {
-        delta: 1,
-        ..MetaFlags::default()
-    };
+    let mut flags = MetaFlags::default();
+    flags.delta = 1;
     let mut seen = [false; 128];
     let mut soft: Option<&'static str> = None;
     let md_ma = matches!(cmd, MetaCmd::Delete | MetaCmd::Arith);
@@ -346,37 +240,27 @@ fn parse_flags<'a>(cmd: MetaCmd, tokens: Tokens<'a>) -> Result<MetaFlags<'a>, Re
     Ok(flags)
 }
 
-/// Standard base64 with padding, as memcached decodes keys; None if malformed.
-pub fn decode_base64(input: &[u8]) -> Option<Vec<u8>> {
-    fn sextet(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
-    if input.is_empty() || !input.len().is_multiple_of(4) {
+/// The base64 of meta keys (`b`): the standard alphabet, padded to a multiple
+/// of 4 (`=` only at the end). Bits below the last whole byte are ignored, as
+/// memcached's decoder ignores them (`YR==` is `a`, like `YQ==`).
+const KEY_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::RequireCanonical)
+        .with_decode_allow_trailing_bits(true),
+);
+
+/// A base64 meta key decoded; None if malformed (empty, unpadded, a byte
+/// outside the alphabet, `=` before the end), answered `error decoding key`.
+///
+/// memcached's decoder is looser: it skips bytes outside the alphabet and
+/// stops at the first padded quad. dynacache refuses those keys instead; the
+/// keys memcached refuses (`!!!`, an unpadded `m10`) it refuses too.
+fn decode_base64(input: &[u8]) -> Option<Vec<u8>> {
+    if input.is_empty() {
         return None;
     }
-    let mut out = Vec::with_capacity(input.len() / 4 * 3);
-    let chunks = input.len() / 4;
-    for (i, chunk) in input.chunks(4).enumerate() {
-        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && i + 1 != chunks) {
-            return None;
-        }
-        let mut n = 0u32;
-        for &c in &chunk[..4 - pad] {
-            n = (n << 6) | sextet(c)?;
-        }
-        n <<= 6 * pad as u32;
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..3 - pad]);
-    }
-    Some(out)
+    KEY_BASE64.decode(input).ok()
 }
 
 #[cfg(test)]
@@ -516,5 +400,54 @@ mod tests {
             (m.flags.delta, m.flags.mode, m.flags.vivify, m.flags.initial),
             (7, Some(MetaMode::Decr), Some(0), 5)
         );
+    }
+
+    #[test]
+    fn base64_key_round_trips_and_refusals() {
+        // RFC 4648's vectors, and keys of every byte and length.
+        for (plain, encoded) in [
+            (&b"f"[..], &b"Zg=="[..]),
+            (b"fo", b"Zm8="),
+            (b"foo", b"Zm9v"),
+            (b"foob", b"Zm9vYg=="),
+            (b"fooba", b"Zm9vYmE="),
+            (b"foobar", b"Zm9vYmFy"),
+        ] {
+            assert_eq!(decode_base64(encoded).as_deref(), Some(plain));
+        }
+        let all: Vec<u8> = (0..=255).collect();
+        for len in 1..=all.len() {
+            let key = &all[all.len() - len..];
+            let encoded = base64::engine::general_purpose::STANDARD.encode(key);
+            assert_eq!(decode_base64(encoded.as_bytes()).as_deref(), Some(key));
+        }
+        // Bits below the last byte are ignored, as memcached ignores them.
+        assert_eq!(decode_base64(b"YR=="), Some(b"a".to_vec()));
+        assert_eq!(decode_base64(b"YWJ="), Some(b"ab".to_vec()));
+        // Refused: empty, unpadded, outside the standard alphabet, `=` before
+        // the end or more than two of them.
+        for bad in [
+            &b""[..],
+            b"m10",
+            b"YQ",
+            b"YQ=",
+            b"YWI",
+            b"!!!",
+            b"YQ==!",
+            b"-_-_",
+            b"YQ=a",
+            b"Y=Q=",
+            b"Y===",
+            b"====",
+            b"YQ==YQ==",
+            b"YQ== ",
+        ] {
+            assert_eq!(decode_base64(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+        // The replies memcached gives to keys it cannot decode.
+        assert_eq!(p(b"mg !!! b v\r\n"), err("error decoding key", 12));
+        assert_eq!(p(b"me m10 b\r\n"), err("error decoding key", 10));
+        assert_eq!(p(b"ms m10 2 b\r\nhi\r\n"), err("error decoding key", 16));
+        assert_eq!(p(b"ma m10 b\r\n"), err("invalid or duplicate flag", 10));
     }
 }

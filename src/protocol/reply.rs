@@ -4,7 +4,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::meta::MetaFlags;
+use super::command::MetaFlags;
 
 /// One reply line (and, for [`Reply::Value`], its data block).
 #[derive(Debug, Clone, PartialEq, Eq)]

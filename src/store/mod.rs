@@ -45,6 +45,9 @@ pub fn is_expired(expires_at: u32, now: u32) -> bool {
     expires_at != 0 && expires_at <= now
 }
 
+/// How far in the past a tombstone's expiry is set (see [`Item::tombstone`]).
+pub const TOMBSTONE_AGE: u32 = 24 * 60 * 60;
+
 /// What "live" means for one request: not expired at `now`, and not written
 /// before the last `flush_all` that has taken effect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,14 +77,16 @@ impl Item {
         !self.is_expired(view.now) && self.version >= view.flushed_before
     }
 
-    /// What a delete leaves: an empty item, already expired (no reader,
-    /// old binaries included, takes it for a value; the table's TTL removes
-    /// it), whose version a late write conditioned on an older one fails on.
+    /// What a delete leaves: an empty item, expired a day before the
+    /// delete (no reader takes it for a value, not one whose request began
+    /// in an earlier second, nor one on a host whose clock is behind; the
+    /// table's TTL removes it), whose version a late write conditioned on an
+    /// older one fails on.
     pub fn tombstone(version: u64, now: u32) -> Item {
         Item {
             value: Vec::new(),
             flags: 0,
-            expires_at: now.max(1),
+            expires_at: now.saturating_sub(TOMBSTONE_AGE).max(1),
             version,
         }
     }
@@ -165,6 +170,11 @@ pub enum StoreError {
     /// The table holds an item this program cannot read (wrong attribute types).
     #[error("bad item in table: {0}")]
     BadItem(String),
+    /// Fleet mode: this member cannot tell that every peer heard of its
+    /// writes (joining, or cut off from the membership). A write answered
+    /// so may have reached DynamoDB.
+    #[error("fleet membership unknown")]
+    FleetUnknown,
 }
 
 impl StoreError {
