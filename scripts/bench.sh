@@ -6,10 +6,12 @@
 #   scripts/bench.sh                 # hit path + miss/write paths, ~10 minutes
 #   scripts/bench.sh --long          # 5 rounds of 20 s per workload
 #   scripts/bench.sh --only memory   # RSS with 1M items, budget check (~5 min)
+#   scripts/bench.sh --only fleet    # write latency with 0, 1, 2, 4 fleet peers (~3 min)
 #   scripts/bench.sh --only all      # everything
 #
 # Options: --rounds N, --duration SECS, --only hit|miss|memory|hit,miss|all,
 # --workloads REGEX (only the hit/miss workloads whose name matches),
+# --peers "1 2 4" (fleet: peer counts to measure besides fleet mode off),
 # --threads N (server threads, default 1), --no-pin, --out DIR (results; default
 # a temporary directory, printed at the end).
 #
@@ -32,6 +34,7 @@ THREADS=1
 PIN=1
 OUT=""
 WORKLOADS_RE="."
+PEERS="0 1 2 4"
 while [ $# -gt 0 ]; do
   case "$1" in
     --long) ROUNDS=5 DURATION=20 ;;
@@ -40,6 +43,7 @@ while [ $# -gt 0 ]; do
     --only) ONLY="$2"; shift ;;
     --threads) THREADS="$2"; shift ;;
     --workloads) WORKLOADS_RE="$2"; shift ;;
+    --peers) PEERS="$2"; shift ;;
     --no-pin) PIN=0 ;;
     --out) OUT="$2"; shift ;;
     -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
@@ -47,7 +51,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-[ "$ONLY" = all ] && ONLY="hit,miss,memory"
+[ "$ONLY" = all ] && ONLY="hit,miss,memory,fleet"
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 log() { echo "bench: $*" >&2; }
@@ -349,6 +353,57 @@ if want memory; then
       stop_pid "$DC_PID"
     done
   } | tee -a "$MEMFILE"
+fi
+
+# ---------------------------------------------------------------- fleet
+# What fleet mode adds to a write: `set` latency through one sidecar while
+# 0, 1, 2 or 4 other sidecars hold its lease (each write waits for their
+# acknowledgements), against fleet mode off, in alternation, on one table.
+# All sidecars and the generator share the machine (not pinned): compare
+# ratios within the run.
+if want fleet; then
+  log "fleet: write latency with peers: $PEERS"
+  init_table fleet
+  FLEET_RESULTS="$OUT/fleet.txt"
+  : >"$FLEET_RESULTS"
+  start_fleet() { # $1 = sidecars in fleet mode (0: one sidecar, fleet mode off)
+    local n="$1" i
+    FLEET_PIDS=()
+    FLEET_ADDR=""
+    for i in $(seq 0 $(( n > 0 ? n - 1 : 0 ))); do
+      local port metrics peer
+      port="$(free_port)"; metrics="$(free_port)"; peer="$(free_port)"
+      local args=(--listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics"
+        --table fleet --endpoint-url "$ENDPOINT" --max-connections 4096)
+      if [ "$n" -gt 0 ]; then
+        args+=(--fleet-listen "127.0.0.1:$peer" --fleet-secret "bench secret, sixteen bytes or more")
+      fi
+      "$DYNACACHE" "${args[@]}" 2>"$OUT/fleet-$n-$i.log" &
+      FLEET_PIDS+=($!)
+      PIDS+=($!)
+      wait_listening "$!" "$port"
+      [ -z "$FLEET_ADDR" ] && FLEET_ADDR="127.0.0.1:$port" && FLEET_METRICS="$metrics"
+      # Ready: in fleet mode, every member counts it (may acknowledge writes).
+      for _ in $(seq 300); do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$metrics/readyz")" = 200 ] && break
+        sleep 0.1
+      done
+    done
+  }
+  for round in $(seq "$ROUNDS"); do
+    for peers in off $PEERS; do
+      if [ "$peers" = off ]; then n=0; else n=$((peers + 1)); fi
+      start_fleet "$n"
+      log "round $round/$ROUNDS fleet peers=$peers"
+      loadgen_free mc --addr "$FLEET_ADDR" --set-ratio 1 --connections 8 --keys 10000 "${TIMING[@]}" \
+        --tag workload=set-c8 --tag "server=peers-$peers" --tag "round=$round" | tee -a "$FLEET_RESULTS"
+      [ "$n" -gt 0 ] && log "fleet: acked $(metric "$FLEET_METRICS" dynacache_fleet_invalidations_acked_total), timed out $(metric "$FLEET_METRICS" dynacache_fleet_invalidations_timed_out_total)"
+      for pid in "${FLEET_PIDS[@]}"; do stop_pid "$pid"; done
+    done
+  done
+  echo
+  echo "## fleet: set latency by peers / fleet mode off"
+  "$LOADGEN" --bench report "$FLEET_RESULTS" --baseline peers-off
 fi
 
 # ---------------------------------------------------------------- report

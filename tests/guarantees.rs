@@ -365,6 +365,66 @@ async fn aged_entries_are_served_during_an_outage() {
     );
 }
 
+/// With DynamoDB blackholed: the first aged hit waits at most the
+/// revalidation bound (500 ms), not the operation timeout; once a call has
+/// failed (the outage is known), aged hits are answered from memory without
+/// asking DynamoDB at all; a probe finds it back, and re-reads resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aged_hits_do_not_wait_for_a_known_outage() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let proxy = FaultProxy::start(&db.endpoint).await;
+    let age = Duration::from_millis(200);
+    // An operation timeout far above the bounds under test.
+    let slow = DynamoSettings {
+        operation_timeout: Duration::from_secs(5),
+        max_attempts: 1,
+        ..via(&proxy, &settings)
+    };
+    let server = TestServer::start_custom(slow, 64 * MB, options(age), None).await;
+    let mut c = server.client().await;
+    assert_eq!(c.call(b"set s 0 0 1\r\nx\r\n").await, "STORED\r\n");
+    tokio::time::sleep(age * 2).await; // let the entry age: time itself is under test
+    proxy.set_fault(Fault::Blackhole);
+
+    // Not known yet: the re-read is given 500 ms, then the copy is served.
+    let started = Instant::now();
+    assert_eq!(c.call(b"get s\r\n").await, "VALUE s 0 1\r\nx\r\nEND\r\n");
+    let first = started.elapsed();
+    assert!(first < Duration::from_millis(1500), "{first:?}");
+
+    // A miss fails (after the operation timeout): now the outage is known.
+    let reply = c.call(b"get never-cached\r\n").await;
+    assert!(reply.starts_with("SERVER_ERROR"), "{reply}");
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(c.call(b"get s\r\n").await, "VALUE s 0 1\r\nx\r\nEND\r\n");
+        assert_eq!(c.call(b"mg s v\r\n").await, "VA 1\r\nx\r\n");
+    }
+    let forty = started.elapsed();
+    // Together they took less than one re-read's bound (500 ms each when
+    // the outage is not known: 20 s; broken that way, this fails).
+    assert!(
+        forty < Duration::from_secs(2),
+        "40 aged hits took {forty:?}"
+    );
+
+    // DynamoDB back: the probe notices, and a change made elsewhere is
+    // read again once the copy is past max_local_age.
+    proxy.set_fault(Fault::Pass);
+    put_raw(&db, &settings, "s", "y").await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let reply = c.call(b"get s\r\n").await;
+        if reply == "VALUE s 0 1\r\ny\r\nEND\r\n" {
+            break;
+        }
+        assert_eq!(reply, "VALUE s 0 1\r\nx\r\nEND\r\n");
+        assert!(Instant::now() < deadline, "never re-read after the outage");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamodb_restart_is_survived() {
     let mut db = DynamoLocal::private().await;

@@ -11,6 +11,9 @@ use crate::metrics::{Event, Outcome};
 use crate::protocol::{Reply, StatsGroup};
 use crate::store::Store;
 
+/// How often a known DynamoDB outage is probed.
+const OUTAGE_PROBE_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The key of the item recording the last `flush_all` (its version is the
 /// flush time): reserved, no client can name it.
 pub const FLUSH_MARKER_KEY: &[u8] = b"dynacache flush_all";
@@ -65,11 +68,9 @@ impl<S: Store> Engine<S> {
     /// `max_local_age` (or 2 s), so a flush through another sidecar is seen
     /// within the same bound as its writes.
     pub async fn refresh_flush_marker(&self) -> Result<(), crate::store::StoreError> {
-        let marker = self
-            .store
-            .get(FLUSH_MARKER_KEY)
-            .await?
-            .map_or(0, |marker| marker.version);
+        let read = self.store.get(FLUSH_MARKER_KEY).await;
+        self.note_store(&read);
+        let marker = read?.map_or(0, |marker| marker.version);
         if marker > self.flushed_before.load(Ordering::SeqCst) {
             self.apply_flush(marker);
         }
@@ -95,7 +96,24 @@ impl<S: Store> Engine<S> {
                 }
             }
         };
-        tokio::join!(flush_marker, self.run_fences(&shutdown));
+        // While DynamoDB is known to be failing, aged entries are served
+        // without asking it: a read of the marker every second finds out
+        // when it answers again.
+        let probe = async {
+            let mut tick = tokio::time::interval(OUTAGE_PROBE_PERIOD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {
+                        if self.store_down() {
+                            let _ = self.refresh_flush_marker().await;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::join!(flush_marker, probe, self.run_fences(&shutdown));
     }
 
     pub(super) fn cache_memlimit(&self, megabytes: u64) -> (Outcome, Reply<'static>) {

@@ -125,6 +125,10 @@ pub struct Engine<S> {
     /// Items with a version below this are flushed once its time has come
     /// (`flush_all`, here or seen in the store's marker); 0 = none.
     flushed_before: AtomicU64,
+    /// DynamoDB is known to be failing (a read failed with an outage error
+    /// and nothing has succeeded since): aged entries are served at once
+    /// where `stale_on_error` allows, and the upkeep probes every second.
+    store_down: std::sync::atomic::AtomicBool,
     /// The origin of `filled_at_ms` stamps.
     epoch: Instant,
     started: std::time::SystemTime,
@@ -148,6 +152,7 @@ impl<S: Store> Engine<S> {
             doubts: DashMap::new(),
             doubt_added: Notify::new(),
             flushed_before: AtomicU64::new(0),
+            store_down: std::sync::atomic::AtomicBool::new(false),
             epoch: Instant::now(),
             started: std::time::SystemTime::now(),
         }
@@ -373,6 +378,20 @@ impl<S: Store> Engine<S> {
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Notes what a store read says about DynamoDB's health.
+    fn note_store<T>(&self, result: &Result<T, StoreError>) {
+        match result {
+            Ok(_) => self.store_down.store(false, Ordering::Relaxed),
+            Err(e) if e.is_outage() => self.store_down.store(true, Ordering::Relaxed),
+            Err(_) => {}
+        }
+    }
+
+    /// Whether DynamoDB is known to be failing now.
+    pub fn store_down(&self) -> bool {
+        self.store_down.load(Ordering::Relaxed)
     }
 }
 

@@ -136,22 +136,26 @@ impl<S: Store> Engine<S> {
             let ahead = lookups.len() * (self.options.item_size_max + REPLY_HEAD);
             out.make_room(ahead).await;
         }
+        // Old copies may stand in for a re-read that fails, if allowed: at
+        // once while DynamoDB is known to be failing, else after at most
+        // `REVALIDATE_WAIT`.
+        let stale_ok = self.options.stale_on_error
+            && lookups.iter().all(|(_, l)| !matches!(l, Lookup::Absent));
         let fetched = if wanted.is_empty() {
             Some(Vec::new())
-        } else {
-            match self.fetch(&wanted, view).await {
-                Ok(fetched) => Some(fetched),
-                Err(e) => {
-                    // Old copies may stand in for a failed re-read, if allowed.
-                    let stale_ok = self.options.stale_on_error
-                        && lookups.iter().all(|(_, l)| !matches!(l, Lookup::Absent));
-                    if !stale_ok {
-                        return Err(e);
-                    }
+        } else if stale_ok && self.store_down() {
+            None
+        } else if stale_ok {
+            match tokio::time::timeout(REVALIDATE_WAIT, self.fetch(&wanted, view)).await {
+                Ok(Ok(fetched)) => Some(fetched),
+                Ok(Err(e)) => {
                     tracing::debug!(error = %e, "serving entries past max_local_age: the store failed");
                     None
                 }
+                Err(_) => None,
             }
+        } else {
+            Some(self.fetch(&wanted, view).await?)
         };
         let mut all_hit = true;
         for (key, lookup) in lookups.iter_mut() {
@@ -213,19 +217,33 @@ impl<S: Store> Engine<S> {
                 self.counters.record(Event::CacheHits);
                 Some(item)
             }
-            other => match self.fetch(&[key], view).await {
-                Ok(mut items) => {
-                    self.counters.record(Event::CacheMisses);
-                    items.pop().flatten().map(Arc::unwrap_or_clone)
-                }
-                Err(e) => match other {
-                    Lookup::Aged(item) if self.options.stale_on_error => {
+            Lookup::Aged(item) if self.options.stale_on_error => {
+                // As in a get: a stale copy at once while DynamoDB is known
+                // to be failing, else after at most `REVALIDATE_WAIT`.
+                let read = if self.store_down() {
+                    None
+                } else {
+                    tokio::time::timeout(REVALIDATE_WAIT, self.fetch(&[key], view))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                };
+                match read {
+                    Some(mut items) => {
+                        self.counters.record(Event::CacheMisses);
+                        items.pop().flatten().map(Arc::unwrap_or_clone)
+                    }
+                    None => {
                         self.counters.record(Event::CacheStaleServed);
                         Some(item)
                     }
-                    _ => return Err(e),
-                },
-            },
+                }
+            }
+            _ => {
+                let mut items = self.fetch(&[key], view).await?;
+                self.counters.record(Event::CacheMisses);
+                items.pop().flatten().map(Arc::unwrap_or_clone)
+            }
         };
         self.counters.record(match found {
             Some(_) => Event::GetHits,
@@ -343,6 +361,7 @@ impl<S: Store> Engine<S> {
                 [one] => self.store.get(one).await.map(|item| vec![item]),
                 many => self.store.get_many(many).await,
             };
+            self.note_store(&read);
             let mut view = view;
             let read = read.map(|mut items| {
                 if with_marker {
@@ -475,6 +494,11 @@ impl<T> Lookup<T> {
 }
 
 type ReadResult = Result<Option<Arc<Item>>, StoreError>;
+
+/// The longest a re-read of an entry past `max_local_age` holds its request
+/// when `stale_on_error` lets the old copy stand in: past it, the copy is
+/// served.
+pub(super) const REVALIDATE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// One store read in flight; requests missing the same key wait for its result.
 pub(super) struct Flight {

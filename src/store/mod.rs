@@ -178,6 +178,16 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether this says DynamoDB itself is failing (not this request):
+    /// then aged entries are served without asking it again until a probe
+    /// gets an answer.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Timeout | StoreError::Unavailable | StoreError::Internal
+        )
+    }
+
     /// Whether a write that failed this way may still be applied: it timed
     /// out, its connection failed, or DynamoDB failed inside. The engine
     /// then fences the key (see `engine::write`).
