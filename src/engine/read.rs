@@ -506,6 +506,12 @@ pub(super) struct Flight {
 }
 
 impl Flight {
+    /// Requests waiting for this read besides its leader (tests).
+    #[cfg(test)]
+    pub(super) fn followers(&self) -> usize {
+        self.result.receiver_count()
+    }
+
     fn new() -> Flight {
         Flight {
             result: watch::channel(None).0,

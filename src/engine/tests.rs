@@ -783,3 +783,147 @@ async fn every_mutating_command_writes_conditionally() {
         );
     }
 }
+
+// ---- fleet mode: the holes docs/fleet.md closes, one deterministic test
+// each (a never-started fleet whose one peer's lease the test grants and
+// takes away; the peers' side is tests/fleet.rs)
+
+fn fleet_engine() -> (Arc<Engine<MemoryStore>>, Arc<Fleet<MemoryStore>>) {
+    let options = EngineOptions {
+        max_local_age: std::time::Duration::ZERO,
+        ..EngineOptions::default()
+    };
+    let e = Arc::new(Engine::with_options(
+        ItemCache::new(1 << 20, 4),
+        MemoryStore::new(),
+        options,
+    ));
+    let fleet = e.join_fleet(crate::fleet::FleetOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        advertise: "127.0.0.1:0".into(),
+        lease: std::time::Duration::from_secs(60),
+        membership_period: std::time::Duration::from_secs(60),
+        secret: "s".into(),
+    });
+    let cache: std::sync::Weak<dyn crate::fleet::LocalCache> =
+        Arc::downgrade(&e) as std::sync::Weak<dyn crate::fleet::LocalCache>;
+    fleet.test_attach(cache);
+    (e, fleet)
+}
+
+/// `get k` answered from memory (true) or not.
+async fn hit(e: &Engine<MemoryStore>, request: &[u8], expected: &str) -> bool {
+    let hits = e.counters().get(Event::CacheHits);
+    assert_eq!(run(e, request, NOW).await, expected);
+    e.counters().get(Event::CacheHits) > hits
+}
+
+fn item(value: &[u8], version: u64) -> Item {
+    Item {
+        value: value.to_vec(),
+        flags: 0,
+        expires_at: 0,
+        version,
+    }
+}
+
+/// (a) After a lapse, nothing filled before it is served: writes made
+/// meanwhile did not wait for this member.
+#[tokio::test]
+async fn fleet_after_a_lapse_serves_nothing_filled_before_it() {
+    let (e, fleet) = fleet_engine();
+    fleet.test_lease(60_000).await;
+    assert_eq!(run(&e, b"set k 0 0 2\r\nv1\r\n", NOW).await, "STORED\r\n");
+    assert!(hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv1\r\nEND\r\n").await);
+    // The lease lapses: memory is not served, reads go through.
+    fleet.test_lease(0).await;
+    assert!(!hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv1\r\nEND\r\n").await);
+    // Meanwhile a peer writes k without waiting for us.
+    let k = e.store().raw(b"k").unwrap();
+    e.store().insert_raw(b"k", item(b"v2", k.version + 1));
+    // Regained: the old copy is gone.
+    fleet.test_lease(60_000).await;
+    assert!(!hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv2\r\nEND\r\n").await);
+    assert!(hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv2\r\nEND\r\n").await);
+}
+
+/// (a) ...and the flush marker is re-read: a `flush_all` made during the
+/// lapse did not wait for this member either.
+#[tokio::test]
+async fn fleet_after_a_lapse_rereads_the_flush_marker() {
+    let (e, fleet) = fleet_engine();
+    fleet.test_lease(60_000).await;
+    assert_eq!(run(&e, b"set f 0 0 1\r\nx\r\n", NOW).await, "STORED\r\n");
+    fleet.test_lease(0).await;
+    let flush_at = e.store().raw(b"f").unwrap().version + 1;
+    e.store()
+        .insert_raw(super::admin::FLUSH_MARKER_KEY, item(b"", flush_at));
+    fleet.test_lease(60_000).await;
+    assert_eq!(run(&e, b"get f\r\n", NOW).await, "END\r\n");
+}
+
+/// (b) An invalidation ends the key's read in flight: neither it nor a get
+/// that joined it caches the older value it read.
+#[tokio::test]
+async fn fleet_an_invalidation_ends_the_reads_in_flight() {
+    let (e, fleet) = fleet_engine();
+    fleet.test_lease(60_000).await;
+    e.store().insert_raw(b"k", item(b"v1", 1));
+    e.store().hold_reads(true);
+    let first = tokio::spawn({
+        let e = e.clone();
+        async move { run(&e, b"get k\r\n", NOW).await }
+    });
+    while e.store().reads_waiting() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let joined = tokio::spawn({
+        let e = e.clone();
+        async move { run(&e, b"get k\r\n", NOW).await }
+    });
+    while e.reads.get(&b"k"[..]).is_none_or(|f| f.followers() == 0) {
+        tokio::task::yield_now().await;
+    }
+    // A peer's write lands and is invalidated here, the reads still out.
+    e.store().insert_raw(b"k", item(b"v2", 2));
+    crate::fleet::LocalCache::invalidate(&*e, b"k", None);
+    e.store().hold_reads(false);
+    // They began before the write: the older value is a fair answer...
+    assert_eq!(first.await.unwrap(), "VALUE k 0 2\r\nv1\r\nEND\r\n");
+    assert_eq!(joined.await.unwrap(), "VALUE k 0 2\r\nv1\r\nEND\r\n");
+    // ...but it was not cached.
+    assert!(!hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv2\r\nEND\r\n").await);
+}
+
+/// (c) Without its leases, a member does not serve old copies even when
+/// DynamoDB fails and `stale_on_error` allows stale copies.
+#[tokio::test]
+async fn fleet_stale_on_error_needs_the_leases() {
+    let (e, fleet) = fleet_engine();
+    fleet.test_lease(60_000).await;
+    assert_eq!(run(&e, b"set k 0 0 2\r\nv1\r\n", NOW).await, "STORED\r\n");
+    fleet.test_lease(0).await;
+    e.store().set_failing(true);
+    assert!(run(&e, b"get k\r\n", NOW).await.starts_with("SERVER_ERROR"));
+}
+
+/// (d) A peer's write of unknown outcome: the key stays uncached while a
+/// read still shows the version that write expects, so when it lands late
+/// the older value is not served from memory.
+#[tokio::test]
+async fn fleet_a_peer_write_of_unknown_outcome_keeps_the_key_uncached() {
+    let (e, fleet) = fleet_engine();
+    fleet.test_lease(60_000).await;
+    e.store().insert_raw(b"k", item(b"v1", 100));
+    assert!(!hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv1\r\nEND\r\n").await);
+    assert!(hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv1\r\nEND\r\n").await);
+    // The peer's write expected version 100 and would leave 200; it timed out.
+    crate::fleet::LocalCache::invalidate(&*e, b"k", Some((Some(100), 200)));
+    assert!(!hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv1\r\nEND\r\n").await);
+    assert!(!hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv1\r\nEND\r\n").await);
+    // It lands: no message says so, and the new value is read at once.
+    e.store().insert_raw(b"k", item(b"v2", 200));
+    assert!(!hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv2\r\nEND\r\n").await);
+    // Seen landed: cached again.
+    assert!(hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv2\r\nEND\r\n").await);
+}

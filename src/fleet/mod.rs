@@ -581,40 +581,49 @@ impl<S: Store> Fleet<S> {
                 _ = self.changed.notified() => {}
                 _ = tokio::time::sleep(period) => {}
             }
-            if self.leaving.load(Ordering::SeqCst) {
+            if !self.coherence_step().await {
                 return;
-            }
-            let now = self.now_ms();
-            let until = self.coherence_deadline(now);
-            let current = self.coherent_until.load(Ordering::SeqCst);
-            if until <= now {
-                if current > now {
-                    // Lost: the hit path stops at `current` anyway; stop now.
-                    self.coherent_until.store(0, Ordering::SeqCst);
-                }
-                continue;
-            }
-            if current > now {
-                // Continuous: extend (or shorten) the deadline.
-                self.coherent_until.store(until, Ordering::SeqCst);
-                continue;
-            }
-            // Regained after a lapse (or for the first time).
-            self.epoch.fetch_add(1, Ordering::SeqCst);
-            self.counters.lapses.fetch_add(1, Ordering::Relaxed);
-            let Some(cache) = self.cache.get().and_then(Weak::upgrade) else {
-                return;
-            };
-            if !cache.regain().await {
-                continue;
-            }
-            let now = self.now_ms();
-            let until = self.coherence_deadline(now);
-            if until > now {
-                self.coherent_until.store(until, Ordering::SeqCst);
-                tracing::debug!("coherent: serving from memory");
             }
         }
+    }
+
+    /// One look at the leases: extends, ends or regains coherence. False
+    /// when there is nothing to do any more (leaving, or the engine gone).
+    async fn coherence_step(&self) -> bool {
+        if self.leaving.load(Ordering::SeqCst) {
+            return false;
+        }
+        let now = self.now_ms();
+        let until = self.coherence_deadline(now);
+        let current = self.coherent_until.load(Ordering::SeqCst);
+        if until <= now {
+            if current > now {
+                // Lost: the hit path stops at `current` anyway; stop now.
+                self.coherent_until.store(0, Ordering::SeqCst);
+            }
+            return true;
+        }
+        if current > now {
+            // Continuous: extend (or shorten) the deadline.
+            self.coherent_until.store(until, Ordering::SeqCst);
+            return true;
+        }
+        // Regained after a lapse (or for the first time).
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.counters.lapses.fetch_add(1, Ordering::Relaxed);
+        let Some(cache) = self.cache.get().and_then(Weak::upgrade) else {
+            return false;
+        };
+        if !cache.regain().await {
+            return true;
+        }
+        let now = self.now_ms();
+        let until = self.coherence_deadline(now);
+        if until > now {
+            self.coherent_until.store(until, Ordering::SeqCst);
+            tracing::debug!("coherent: serving from memory");
+        }
+        true
     }
 
     /// Until when every needed lease is held (0: one is missing).
@@ -970,6 +979,35 @@ impl<S: Store> Fleet<S> {
                 .retain(|h| !Arc::ptr_eq(h, &lingering));
         });
         result
+    }
+}
+
+/// Seams for the engine's unit tests: a fleet that is never started, whose
+/// one peer's lease the test grants and takes away.
+#[cfg(test)]
+impl<S: Store> Fleet<S> {
+    const TEST_PEER: u64 = 2;
+
+    pub(crate) fn test_attach(&self, cache: Weak<dyn LocalCache>) {
+        let _ = self.cache.set(cache);
+    }
+
+    /// As if joined and listed, holding the peer's lease for `millis` from
+    /// now (0: not holding it); then one look at the leases.
+    pub(crate) async fn test_lease(&self, millis: u64) {
+        let now = self.now_ms();
+        {
+            let mut state = self.lock();
+            state.joined = true;
+            state.listed_at = Some(now);
+            state.required.insert(Self::TEST_PEER);
+            if millis == 0 {
+                state.leases.remove(&Self::TEST_PEER);
+            } else {
+                state.leases.insert(Self::TEST_PEER, now + millis);
+            }
+        }
+        self.coherence_step().await;
     }
 }
 

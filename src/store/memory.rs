@@ -27,6 +27,11 @@ pub struct MemoryStore {
     timing_out: AtomicBool,
     late: Mutex<Vec<Late>>,
     calls: AtomicU64,
+    /// While set, reads take their answer, then wait to return it until
+    /// released: a read in flight that began before a later write.
+    reads_held: AtomicBool,
+    reads_waiting: AtomicU64,
+    reads_released: tokio::sync::Notify,
     /// While set, another writer changes an item just before every write
     /// that expects a version of it, so those writes always lose the race.
     interfering: AtomicBool,
@@ -40,6 +45,32 @@ impl MemoryStore {
     /// Makes every later call fail (true) or succeed again (false).
     pub fn set_failing(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Holds every later read after it has taken its answer (true), or
+    /// lets them all return (false).
+    pub fn hold_reads(&self, held: bool) {
+        self.reads_held.store(held, Ordering::SeqCst);
+        if !held {
+            self.reads_released.notify_waiters();
+        }
+    }
+
+    /// Reads waiting to return (see [`MemoryStore::hold_reads`]).
+    pub fn reads_waiting(&self) -> u64 {
+        self.reads_waiting.load(Ordering::SeqCst)
+    }
+
+    async fn read_gate(&self) {
+        loop {
+            let released = self.reads_released.notified();
+            if !self.reads_held.load(Ordering::SeqCst) {
+                return;
+            }
+            self.reads_waiting.fetch_add(1, Ordering::SeqCst);
+            released.await;
+            self.reads_waiting.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// Makes every later write time out without being applied.
@@ -105,7 +136,9 @@ impl Store for MemoryStore {
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Item>, StoreError> {
-        Ok(self.enter()?.get(key).cloned())
+        let found = self.enter()?.get(key).cloned();
+        self.read_gate().await;
+        Ok(found)
     }
 
     async fn write(

@@ -281,6 +281,15 @@ class Dynacache:
     def log(self):
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def ready(self):
+        """Whether /readyz answers 200 (in fleet mode: every member counts this one)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=WAIT) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
     def metric(self, series):
         """The value of one Prometheus series, e.g. 'dynacache_cache_misses_total' (0 if absent)."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"

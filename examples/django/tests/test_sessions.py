@@ -25,6 +25,7 @@ from .conftest import (
     PASSWORDS,
     SESSION_ITEM_PREFIX,
     dynacache_help,
+    free_port,
     init_table,
     on,
     session_data,
@@ -222,6 +223,43 @@ def test_logout_via_one_host_stops_the_other_within_max_local_age(
     wait_for("host B to stop serving the logged-out session", b_refuses, timeout=max_local_age + 10)
     elapsed = time.monotonic() - logged_out
     assert elapsed <= max_local_age + 1.0, f"host B served the session {elapsed:.2f}s after logout"
+
+
+def test_logout_via_one_host_is_seen_by_the_other_at_once_in_fleet_mode(
+    dynamodb, table, start_dynacache, client_factory
+):
+    """Fleet mode: no max_local_age wait. Host B holds the session in memory
+    (max_local_age is an hour), and the very next request after the logout
+    on A is refused on B, round after round."""
+    hosts = []
+    for _ in range(2):
+        peer = free_port()
+        config = (
+            'max_local_age = "1h"\n'
+            "[fleet]\n"
+            f'listen = "127.0.0.1:{peer}"\n'
+            'secret = "the django example fleet secret"\n'
+        )
+        hosts.append(start_dynacache(dynamodb.endpoint, table, config=config))
+    a, b = hosts
+    for host in hosts:
+        wait_for("the host to join the fleet", host.ready)
+    wait_for("host B to serve from memory", lambda: b.metric("dynacache_fleet_coherent") == 1)
+    for round in range(5):
+        browser = client_factory()
+        with on(a):
+            key = login(browser, "carol")
+        tab_b = client_factory()
+        tab_b.cookies["sessionid"] = key
+        hits = b.metric("dynacache_cache_hits_total")
+        with on(b):
+            assert page(tab_b) == (200, "user=carol count=0\n")
+            assert page(tab_b) == (200, "user=carol count=0\n")
+        assert b.metric("dynacache_cache_hits_total") > hits, "B served the session from memory"
+        with on(a):
+            assert shows_login(browser.post("/logout/"))
+        with on(b):
+            assert shows_login(tab_b.get("/")), f"round {round}: host B served a logged-out session"
 
 
 # --- expiry ----------------------------------------------------------------------------
