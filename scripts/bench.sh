@@ -397,13 +397,82 @@ if want fleet; then
       log "round $round/$ROUNDS fleet peers=$peers"
       loadgen_free mc --addr "$FLEET_ADDR" --set-ratio 1 --connections 8 --keys 10000 "${TIMING[@]}" \
         --tag workload=set-c8 --tag "server=peers-$peers" --tag "round=$round" | tee -a "$FLEET_RESULTS"
-      [ "$n" -gt 0 ] && log "fleet: acked $(metric "$FLEET_METRICS" dynacache_fleet_invalidations_acked_total), timed out $(metric "$FLEET_METRICS" dynacache_fleet_invalidations_timed_out_total)"
+      if [ "$n" -gt 0 ]; then
+        # What fleet mode added to each write: the wait for acknowledgements.
+        wait_sum="$(metric "$FLEET_METRICS" dynacache_fleet_ack_wait_seconds_sum)"
+        wait_count="$(metric "$FLEET_METRICS" dynacache_fleet_ack_wait_seconds_count)"
+        echo "ACKWAIT peers=$peers round=$round writes_waiting=${wait_count:-0} mean_us=$(awk -v s="${wait_sum:-0}" -v c="${wait_count:-0}" 'BEGIN {printf "%.0f", c ? 1e6 * s / c : 0}') acked=$(metric "$FLEET_METRICS" dynacache_fleet_invalidations_acked_total) timed_out=$(metric "$FLEET_METRICS" dynacache_fleet_invalidations_timed_out_total)" | tee -a "$OUT/fleet-ackwait.txt"
+      fi
       for pid in "${FLEET_PIDS[@]}"; do stop_pid "$pid"; done
     done
   done
   echo
   echo "## fleet: set latency by peers / fleet mode off"
   "$LOADGEN" --bench report "$FLEET_RESULTS" --baseline peers-off
+
+  # What coherence costs in DynamoDB reads: a session-like load (10,000
+  # sessions, uniform; nine requests in ten read a session, one writes it)
+  # on 3 sidecars, each request going to any of them (3 generators, one
+  # per sidecar, on one key space: round-robin in effect). Fleet mode
+  # (max_local_age 1h) against fleet mode off with max_local_age 2 s (the
+  # default: stale for up to 2 s across hosts) and 1 ms (every read asks
+  # DynamoDB: the coherent choice without fleet mode; 0 s would mean
+  # "never re-read"). Caches warmed first; reads counted over the run.
+  COST_KEYS=10000
+  init_table fleetcost
+  loadgen_free ddb-fill --endpoint "$ENDPOINT" --table fleetcost --keys "$COST_KEYS" >&2
+  reads_of() { # the sum over metrics ports "$@" of DynamoDB reads (GetItem, BatchGetItem)
+    local p
+    for p in "$@"; do curl -s "http://127.0.0.1:$p/metrics"; done |
+      awk '$1 ~ /^dynacache_dynamodb_requests_total[{]operation="(GetItem|BatchGetItem)"/ {s += $2} END {printf "%d", s}'
+  }
+  for mode in fleet age-2s age-1ms; do
+    COST_PIDS=() COST_ADDRS=() COST_METRICS=()
+    for i in 0 1 2; do
+      port="$(free_port)"; metrics="$(free_port)"; peer="$(free_port)"
+      args=(--listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics"
+        --table fleetcost --endpoint-url "$ENDPOINT" --max-connections 4096)
+      case "$mode" in
+        fleet) args+=(--max-local-age 1h --fleet-listen "127.0.0.1:$peer"
+          --fleet-secret "bench secret, sixteen bytes or more") ;;
+        age-2s) args+=(--max-local-age 2s) ;;
+        age-1ms) args+=(--max-local-age 1ms) ;;
+      esac
+      "$DYNACACHE" "${args[@]}" 2>"$OUT/cost-$mode-$i.log" &
+      COST_PIDS+=($!); PIDS+=($!)
+      wait_listening "$!" "$port"
+      COST_ADDRS+=("127.0.0.1:$port"); COST_METRICS+=("$metrics")
+    done
+    for metrics in "${COST_METRICS[@]}"; do
+      for _ in $(seq 300); do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$metrics/readyz")" = 200 ] && break
+        sleep 0.1
+      done
+    done
+    if [ "$mode" = fleet ]; then # serving from memory
+      for metrics in "${COST_METRICS[@]}"; do
+        for _ in $(seq 300); do
+          [ "$(metric "$metrics" dynacache_fleet_coherent)" = 1 ] && break
+          sleep 0.1
+        done
+      done
+    fi
+    for addr in "${COST_ADDRS[@]}"; do
+      loadgen_free mc --addr "$addr" --keys "$COST_KEYS" --warm get --warm-only >&2
+    done
+    before="$(reads_of "${COST_METRICS[@]}")"
+    gens=()
+    for i in 0 1 2; do
+      loadgen_free mc --addr "${COST_ADDRS[$i]}" --keys "$COST_KEYS" --set-ratio 0.1 --connections 4 \
+        --duration "${DURATION}s" --warmup 0s --tag workload=session --tag "server=$mode" >"$OUT/cost-$mode-gen$i.txt" &
+      gens+=($!)
+    done
+    for g in "${gens[@]}"; do wait "$g"; done
+    after="$(reads_of "${COST_METRICS[@]}")"
+    requests="$(cat "$OUT"/cost-"$mode"-gen*.txt | sed -n 's/.* ops=\([0-9]*\) .*/\1/p' | awk '{s += $1} END {printf "%d", s}')"
+    echo "COST mode=$mode requests=$requests dynamodb_reads=$((after - before)) reads_per_1000_requests=$(awk -v r="$((after - before))" -v n="$requests" 'BEGIN {printf "%.1f", 1000 * r / n}')" | tee -a "$OUT/fleet-cost.txt"
+    for pid in "${COST_PIDS[@]}"; do stop_pid "$pid"; done
+  done
 fi
 
 # ---------------------------------------------------------------- report

@@ -37,6 +37,9 @@ export AWS_REGION="${AWS_REGION:-us-east-1}"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== module graph: no cycle between modules (scripts/module-graph.py)"
+python3 scripts/module-graph.py
+python3 scripts/module-graph.py --top
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"

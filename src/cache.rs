@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use hashbrown::HashTable;
 
-use crate::store::{Item, is_expired};
+use crate::item::{Item, is_expired};
 
 /// Bytes charged per entry besides its key and value's allocation (see
 /// [`allocation_size`]), so that the budget bounds real memory (measured

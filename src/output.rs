@@ -183,8 +183,17 @@ impl<'a> Output<'a> {
             return;
         };
         if !self.buf.is_empty() && self.failed.is_none() {
-            let write = sink.stream.write_all(&self.buf);
-            match tokio::time::timeout(sink.write_timeout, write).await {
+            // Most writes complete at once (the socket has room): try once
+            // before arming the write timeout's timer, which would cost
+            // more than the write itself on the hit path.
+            let mut write = std::pin::pin!(sink.stream.write_all(&self.buf));
+            let first =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
+            let done = match first {
+                std::task::Poll::Ready(done) => Ok(done),
+                std::task::Poll::Pending => tokio::time::timeout(sink.write_timeout, write).await,
+            };
+            match done {
                 Ok(Ok(())) => self.written += self.buf.len(),
                 Ok(Err(e)) => self.failed = Some(e),
                 Err(_) => {

@@ -64,16 +64,10 @@ impl<S: Store> Engine<S> {
             }
             None => {
                 self.counters.record(Event::CmdGet);
-                // A hit is answered from the cache in place, as `get`'s are
-                // (one that does not fit the output waits for room first).
+                // A hit is answered from the cache in place, as `get`'s are.
                 let now_ms = self.now_ms();
-                let lookup = loop {
-                    let mark = out.mark();
-                    let served = self.fresh_with(key, view, now_ms, |entry| {
-                        let size = entry.value().len() + key.len() + REPLY_HEAD;
-                        if !out.fits(size) {
-                            return Err(size);
-                        }
+                let lookup = self
+                    .hit_in_place(key, view, now_ms, out, |entry, buf| {
                         let item = MetaItem {
                             cas: entry.version(),
                             flags: entry.flags(),
@@ -85,18 +79,9 @@ impl<S: Store> Engine<S> {
                         } else {
                             (MetaCode::Hd, &b""[..])
                         };
-                        meta_reply(out.buf(), meta, code, MG_HIT, Some(item), data, false);
-                        Ok(())
-                    });
-                    match served.served() {
-                        Ok(Err(size)) => out.make_room(size).await,
-                        Ok(Ok(())) => break Ok(()),
-                        Err(lookup) => {
-                            out.truncate(mark);
-                            break Err(lookup);
-                        }
-                    }
-                };
+                        meta_reply(buf, meta, code, MG_HIT, Some(item), data, false);
+                    })
+                    .await;
                 match lookup {
                     Ok(_) => {
                         self.counters.record(Event::CacheHits);

@@ -43,29 +43,12 @@ impl<S: Store> Engine<S> {
         let mut pending = None;
         for key in rest.by_ref() {
             self.counters.record(Event::CmdGet);
-            // A hit is encoded from the cache in place, under its shard's
-            // lock; one that does not fit the output waits for room first
-            // (and is then looked up again: nothing is copied).
-            let lookup = loop {
-                let mark = out.mark();
-                let served = self.fresh_with(key, view, now_ms, |entry| {
-                    let size = key.len() + entry.value().len() + REPLY_HEAD;
-                    if !out.fits(size) {
-                        return Err(size);
-                    }
+            let lookup = self
+                .hit_in_place(key, view, now_ms, out, |entry, buf| {
                     let (flags, version) = (entry.flags(), entry.version());
-                    value_reply(out.buf(), key, flags, entry.value(), version, cas);
-                    Ok(())
-                });
-                match served.served() {
-                    Ok(Err(size)) => out.make_room(size).await,
-                    Ok(Ok(())) => break Ok(()),
-                    Err(lookup) => {
-                        out.truncate(mark);
-                        break Err(lookup);
-                    }
-                }
-            };
+                    value_reply(buf, key, flags, entry.value(), version, cas);
+                })
+                .await;
             match lookup {
                 Ok(()) => {
                     self.counters.record(Event::CacheHits);
@@ -256,6 +239,39 @@ impl<S: Store> Engine<S> {
     /// cannot hold one of its keys.
     fn check_keys<'k>(&self, mut keys: impl Iterator<Item = &'k [u8]>) -> Result<(), StoreError> {
         keys.try_for_each(|key| self.check_key(key))
+    }
+
+    /// A hit encoded from the cache into `out` in place, under its shard's
+    /// lock (`encode` writes the reply). One that does not fit the output
+    /// waits for room first and is then looked up again: nothing is copied.
+    /// When the answer is not a fresh entry, nothing is left in `out`.
+    pub(super) async fn hit_in_place(
+        &self,
+        key: &[u8],
+        view: View,
+        now_ms: u64,
+        out: &mut Output<'_>,
+        encode: impl Fn(&EntryRef<'_>, &mut bytes::BytesMut),
+    ) -> Result<(), Lookup> {
+        loop {
+            let mark = out.mark();
+            let served = self.fresh_with(key, view, now_ms, |entry| {
+                let size = key.len() + entry.value().len() + REPLY_HEAD;
+                if !out.fits(size) {
+                    return Err(size);
+                }
+                encode(&entry, out.buf());
+                Ok(())
+            });
+            match served.served() {
+                Ok(Err(size)) => out.make_room(size).await,
+                Ok(Ok(())) => return Ok(()),
+                Err(lookup) => {
+                    out.truncate(mark);
+                    return Err(lookup);
+                }
+            }
+        }
     }
 
     /// What the cache can do for `key`: a fresh entry, one past

@@ -461,6 +461,7 @@ impl<S: Store> Fleet<S> {
     ) {
         let forget = self.options.forget_after().as_millis() as u64;
         let mut dial = Vec::new();
+        let mut rejoined = Vec::new();
         {
             let mut state = self.lock();
             state.listed_at = Some(began);
@@ -470,13 +471,15 @@ impl<S: Store> Fleet<S> {
                     continue;
                 }
                 if state.gone.remove(&member.id).is_some() {
-                    // Evicted, and registered again: a new member, which
-                    // must earn our `Known` again (it stopped acknowledging
-                    // when it found itself evicted).
-                    state.required.remove(&member.id);
+                    // Evicted, and registered again: it reset its state (it
+                    // stopped acknowledging when it found itself evicted)
+                    // and joins as new. It needs our `Known` again, and our
+                    // writes no longer wait for its; we keep needing its
+                    // lease (more caution, never less).
                     state.must_hear.remove(&member.id);
                     state.known_by.remove(&member.id);
                     state.last_grant.remove(&member.id);
+                    rejoined.push(member.id);
                 }
                 state.members.insert(member.id, member.addr.clone());
                 if first {
@@ -500,6 +503,18 @@ impl<S: Store> Fleet<S> {
                 .collect();
             for id in gone {
                 state.gone.insert(id, ended + forget);
+            }
+        }
+        if !rejoined.is_empty() {
+            // Say `Known` again at its next grant.
+            for holder in self
+                .holders
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|h| rejoined.contains(&h.peer))
+            {
+                holder.known_sent.store(false, Ordering::SeqCst);
             }
         }
         for id in dial {

@@ -19,78 +19,13 @@ use std::future::Future;
 pub use dynamo::{DynamoSettings, DynamoStore, KeyType, TableBilling, TableSettings};
 pub use memory::MemoryStore;
 
+// The item type the store, the cache and the engine share.
+pub use crate::item::{Item, TOMBSTONE_AGE, View, is_expired};
+
 /// Keys that begin with this hold dynacache's own items (the `flush_all`
 /// marker, fleet membership); a client cannot name them (a classic key has
 /// no space; a base64 meta key with one is refused).
 pub const RESERVED_PREFIX: &[u8] = b"dynacache ";
-
-/// An item: what the table holds for a key, what the cache keeps a copy
-/// of, and what a reply is made from.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Item {
-    pub value: Vec<u8>,
-    pub flags: u32,
-    /// Unix seconds after which the item is gone; 0 = never.
-    pub expires_at: u32,
-    /// Changes on every write (the item's cas unique), never repeats: a
-    /// write conditioned on it cannot land once anything else was written.
-    /// Versions are made from the writer's clock, so a version also dates
-    /// its write (see [`View::flushed_before`]).
-    pub version: u64,
-}
-
-/// Whether an item with this expiry is gone at `now` (Unix seconds): the
-/// one rule for expiry, in the store, the cache and the engine.
-pub fn is_expired(expires_at: u32, now: u32) -> bool {
-    expires_at != 0 && expires_at <= now
-}
-
-/// How far in the past a tombstone's expiry is set (see [`Item::tombstone`]).
-pub const TOMBSTONE_AGE: u32 = 24 * 60 * 60;
-
-/// What "live" means for one request: not expired at `now`, and not written
-/// before the last `flush_all` that has taken effect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct View {
-    /// Unix seconds.
-    pub now: u32,
-    /// Items whose version is below this were flushed; 0 = no flush.
-    pub flushed_before: u64,
-}
-
-impl View {
-    pub fn at(now: u32) -> View {
-        View {
-            now,
-            flushed_before: 0,
-        }
-    }
-}
-
-impl Item {
-    pub fn is_expired(&self, now: u32) -> bool {
-        is_expired(self.expires_at, now)
-    }
-
-    /// Whether clients may see this item under `view`.
-    pub fn is_live(&self, view: View) -> bool {
-        !self.is_expired(view.now) && self.version >= view.flushed_before
-    }
-
-    /// What a delete leaves: an empty item, expired a day before the
-    /// delete (no reader takes it for a value, not one whose request began
-    /// in an earlier second, nor one on a host whose clock is behind; the
-    /// table's TTL removes it), whose version a late write conditioned on an
-    /// older one fails on.
-    pub fn tombstone(version: u64, now: u32) -> Item {
-        Item {
-            value: Vec::new(),
-            flags: 0,
-            expires_at: now.saturating_sub(TOMBSTONE_AGE).max(1),
-            version,
-        }
-    }
-}
 
 /// What a write expects the key to hold, checked by the store atomically
 /// with the write.
