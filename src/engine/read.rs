@@ -30,11 +30,13 @@ impl<S: Store> Engine<S> {
         let start = out.mark();
         let now_ms = self.now_ms();
         // A request with a key the table cannot hold is refused whole,
-        // before any of it is answered (a single key is checked on a miss:
-        // a key the table cannot hold is never cached, so never a hit).
+        // before any of it is answered: the key list checked at once (a
+        // classic key has no space, so none is reserved). A single key is
+        // checked on a miss: a key the table cannot hold is never cached,
+        // so never a hit.
         let mut rest = keys.iter();
-        if rest.clone().nth(1).is_some()
-            && let Err(e) = self.check_keys(keys.iter())
+        if keys.0.contains(&b' ')
+            && let Err(e) = self.store.check_key_list(keys.0)
         {
             return error_reply(out.buf(), &e);
         }

@@ -472,6 +472,12 @@ impl Store for DynamoStore {
         }
     }
 
+    /// One UTF-8 check of the whole list: spaces are ASCII, so a list is
+    /// valid UTF-8 exactly when each of its keys is.
+    fn check_key_list(&self, keys: &[u8]) -> Result<(), StoreError> {
+        self.check_key(keys)
+    }
+
     fn item_overhead(&self) -> usize {
         let s = &self.settings;
         // Attribute names count toward the 400 KB item limit; numbers take

@@ -131,6 +131,10 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn check_key_list(&self, _keys: &[u8]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     fn item_overhead(&self) -> usize {
         0
     }

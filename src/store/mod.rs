@@ -139,6 +139,16 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the table's key attribute can hold `key`.
     fn check_key(&self, key: &[u8]) -> Result<(), StoreError>;
 
+    /// Whether it can hold every key of `keys`, keys separated by spaces
+    /// (a multi-get's key list, checked whole before any value is written).
+    /// A store whose rule holds for a line as for each of its keys checks
+    /// the line at once.
+    fn check_key_list(&self, keys: &[u8]) -> Result<(), StoreError> {
+        keys.split(|b| *b == b' ')
+            .filter(|k| !k.is_empty())
+            .try_for_each(|k| self.check_key(k))
+    }
+
     /// Bytes an item costs in the store besides its key and value (attribute
     /// names and numbers), to keep items under the store's size limit.
     fn item_overhead(&self) -> usize;
