@@ -441,6 +441,47 @@ fn check_config_prints_the_effective_config() {
 }
 
 #[test]
+fn fleet_mode_comes_from_the_environment_and_its_secret_is_never_printed() {
+    let secret = "a fleet secret, more than sixteen bytes";
+    let env = [
+        ("DYNACACHE_FLEET__LISTEN", "127.0.0.1:11311"),
+        ("DYNACACHE_FLEET__ADVERTISE", "10.0.3.7:11311"),
+        ("DYNACACHE_FLEET_SECRET", secret),
+    ];
+    let mut cmd = dynacache(&["--check-config", "--fleet-lease", "2s"]);
+    cmd.envs(env);
+    let out = finish(cmd);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !printed.contains(secret),
+        "the secret is printed:\n{printed}"
+    );
+    let config = Config::from_toml(&printed).unwrap();
+    assert_eq!(
+        config.fleet.listen,
+        Some("127.0.0.1:11311".parse().unwrap())
+    );
+    assert_eq!(config.fleet.advertise.as_deref(), Some("10.0.3.7:11311"));
+    assert_eq!(config.fleet.lease, Duration::from_secs(2));
+    // Without a secret (or a short one), fleet mode is refused, naming it.
+    for short in [None, Some("too short")] {
+        let mut cmd = dynacache(&["--check-config"]);
+        cmd.env("DYNACACHE_FLEET__LISTEN", "127.0.0.1:11311");
+        if let Some(short) = short {
+            cmd.env("DYNACACHE_FLEET_SECRET", short);
+        }
+        let out = finish(cmd);
+        assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("DYNACACHE_FLEET_SECRET"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
 fn check_config_prints_nothing_for_a_bad_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = config_file(&dir, CHECKED_FILE);
