@@ -869,12 +869,12 @@ async fn fleet_an_invalidation_ends_the_reads_in_flight() {
     let (e, fleet) = fleet_engine();
     fleet.test_lease(60_000).await;
     e.store().insert_raw(b"k", item(b"v1", 1));
-    e.store().hold_reads(true);
+    e.store().hold_answers(true);
     let first = tokio::spawn({
         let e = e.clone();
         async move { run(&e, b"get k\r\n", NOW).await }
     });
-    while e.store().reads_waiting() == 0 {
+    while e.store().answers_waiting() == 0 {
         tokio::task::yield_now().await;
     }
     let joined = tokio::spawn({
@@ -887,7 +887,7 @@ async fn fleet_an_invalidation_ends_the_reads_in_flight() {
     // A peer's write lands and is invalidated here, the reads still out.
     e.store().insert_raw(b"k", item(b"v2", 2));
     crate::fleet::LocalCache::invalidate(&*e, b"k", None);
-    e.store().hold_reads(false);
+    e.store().hold_answers(false);
     // They began before the write: the older value is a fair answer...
     assert_eq!(first.await.unwrap(), "VALUE k 0 2\r\nv1\r\nEND\r\n");
     assert_eq!(joined.await.unwrap(), "VALUE k 0 2\r\nv1\r\nEND\r\n");
@@ -926,4 +926,28 @@ async fn fleet_a_peer_write_of_unknown_outcome_keeps_the_key_uncached() {
     assert!(!hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv2\r\nEND\r\n").await);
     // Seen landed: cached again.
     assert!(hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv2\r\nEND\r\n").await);
+}
+
+/// (b) ...and a write of the key in flight here when a peer's write of it
+/// is invalidated: which is newer the cache cannot tell, so neither is kept.
+#[tokio::test]
+async fn fleet_an_invalidation_keeps_a_write_in_flight_out_of_the_cache() {
+    let (e, fleet) = fleet_engine();
+    fleet.test_lease(60_000).await;
+    e.store().hold_answers(true);
+    let ours = tokio::spawn({
+        let e = e.clone();
+        async move { run(&e, b"set k 0 0 2\r\nv1\r\n", NOW).await }
+    });
+    while e.store().answers_waiting() == 0 {
+        tokio::task::yield_now().await;
+    }
+    // Our write has landed; a peer's lands after it and is invalidated here
+    // before our answer comes back.
+    let landed = e.store().raw(b"k").unwrap();
+    e.store().insert_raw(b"k", item(b"v2", landed.version + 1));
+    crate::fleet::LocalCache::invalidate(&*e, b"k", None);
+    e.store().hold_answers(false);
+    assert_eq!(ours.await.unwrap(), "STORED\r\n");
+    assert!(!hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv2\r\nEND\r\n").await);
 }

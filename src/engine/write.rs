@@ -175,33 +175,34 @@ impl<S: Store> Engine<S> {
         // Whatever a read in flight got is older than this write's outcome.
         self.reads.remove(key);
         match &result {
-            Ok(Done::Written(item)) => {
-                // A write that landed moved the version on: no earlier lost
-                // write can land any more.
+            // A write that landed moved the version on: no earlier lost
+            // write can land any more.
+            Ok(Done::Written(_)) => {
                 self.doubts.remove(key);
-                match op {
-                    Op::Flush { before } => self.apply_flush(before),
-                    _ => self.fill(key, item, view, epoch),
+                if let Op::Flush { before } = op {
+                    self.apply_flush(before);
                 }
             }
             Ok(Done::Refused(_, current)) => {
                 self.observed(key, current.as_ref());
-                match current {
-                    Some(current) if !matches!(op, Op::Flush { .. }) => {
-                        self.fill(key, current, view, epoch)
-                    }
-                    _ => {
-                        self.cache.remove(key);
-                    }
-                }
             }
-            Err(_) => {
+            Err(_) => {}
+        }
+        // The cache takes the outcome unless a peer's write of the key
+        // invalidated it while this one was in flight (which of the two is
+        // newer, the cache cannot tell): decided under the key's
+        // invalidation lock, so an invalidation is acknowledged either
+        // before this fill (and prevents it) or after it (and removes it).
+        let filled = lock.unless_invalidated(|| match (&result, op) {
+            (Ok(_), Op::Flush { .. }) => {}
+            (Ok(Done::Written(item)), _) | (Ok(Done::Refused(_, Some(item))), _) => {
+                self.fill(key, item, view, epoch)
+            }
+            _ => {
                 self.cache.remove(key);
             }
-        }
-        // A peer's write of the key invalidated it while this one was in
-        // flight: which of the two is newer, the cache cannot tell.
-        if lock.take_invalidated() {
+        });
+        if !filled {
             self.cache.remove(key);
         }
         let result = match fleet {
@@ -633,7 +634,9 @@ pub(super) struct KeyLocks {
 #[derive(Default)]
 pub(super) struct KeyLock {
     mutex: Arc<tokio::sync::Mutex<()>>,
-    invalidated: std::sync::atomic::AtomicBool,
+    /// Set by a peer's invalidation; held while the write's outcome goes to
+    /// the cache (a sync lock, never held across an await).
+    invalidated: std::sync::Mutex<bool>,
 }
 
 pub(super) struct KeyLockGuard<'a> {
@@ -647,8 +650,8 @@ impl KeyLocks {
     pub(super) async fn lock(&self, key: &[u8]) -> KeyLockGuard<'_> {
         let lock = self.locks.entry(Box::from(key)).or_default().clone();
         let guard = lock.mutex.clone().lock_owned().await;
-        lock.invalidated
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+        // Invalidations before this write began are not about it.
+        *lock.invalidated.lock().unwrap_or_else(|e| e.into_inner()) = false;
         KeyLockGuard {
             locks: self,
             key: Box::from(key),
@@ -660,20 +663,27 @@ impl KeyLocks {
     /// A peer wrote `key`: a write of it in flight here must not cache its
     /// result.
     pub(super) fn invalidated(&self, key: &[u8]) {
-        if let Some(lock) = self.locks.get(key) {
-            lock.invalidated
-                .store(true, std::sync::atomic::Ordering::SeqCst);
+        let lock = self.locks.get(key).map(|l| l.clone());
+        if let Some(lock) = lock {
+            *lock.invalidated.lock().unwrap_or_else(|e| e.into_inner()) = true;
         }
     }
 }
 
 impl KeyLockGuard<'_> {
-    /// Whether a peer invalidated the key since the lock was taken.
-    pub(super) fn take_invalidated(&self) -> bool {
-        self.lock.as_ref().is_some_and(|l| {
-            l.invalidated
-                .swap(false, std::sync::atomic::Ordering::SeqCst)
-        })
+    /// Runs `fill` unless a peer invalidated the key since the lock was
+    /// taken (then returns false), holding the invalidation lock meanwhile.
+    pub(super) fn unless_invalidated<R>(&self, fill: impl FnOnce() -> R) -> bool {
+        let Some(lock) = &self.lock else {
+            fill();
+            return true;
+        };
+        let mut invalidated = lock.invalidated.lock().unwrap_or_else(|e| e.into_inner());
+        if std::mem::take(&mut *invalidated) {
+            return false;
+        }
+        fill();
+        true
     }
 }
 

@@ -27,11 +27,12 @@ pub struct MemoryStore {
     timing_out: AtomicBool,
     late: Mutex<Vec<Late>>,
     calls: AtomicU64,
-    /// While set, reads take their answer, then wait to return it until
-    /// released: a read in flight that began before a later write.
-    reads_held: AtomicBool,
-    reads_waiting: AtomicU64,
-    reads_released: tokio::sync::Notify,
+    /// While set, reads and writes take their answer (a write is applied),
+    /// then wait to return it until released: a call in flight, its answer
+    /// still on the way back, while something else happens.
+    answers_held: AtomicBool,
+    answers_waiting: AtomicU64,
+    answers_released: tokio::sync::Notify,
     /// While set, another writer changes an item just before every write
     /// that expects a version of it, so those writes always lose the race.
     interfering: AtomicBool,
@@ -47,30 +48,65 @@ impl MemoryStore {
         self.failing.store(failing, Ordering::SeqCst);
     }
 
-    /// Holds every later read after it has taken its answer (true), or
-    /// lets them all return (false).
-    pub fn hold_reads(&self, held: bool) {
-        self.reads_held.store(held, Ordering::SeqCst);
+    /// Holds every later read and write after it has taken its answer
+    /// (true), or lets them all return (false).
+    pub fn hold_answers(&self, held: bool) {
+        self.answers_held.store(held, Ordering::SeqCst);
         if !held {
-            self.reads_released.notify_waiters();
+            self.answers_released.notify_waiters();
         }
     }
 
-    /// Reads waiting to return (see [`MemoryStore::hold_reads`]).
-    pub fn reads_waiting(&self) -> u64 {
-        self.reads_waiting.load(Ordering::SeqCst)
+    /// Calls waiting to return (see [`MemoryStore::hold_answers`]).
+    pub fn answers_waiting(&self) -> u64 {
+        self.answers_waiting.load(Ordering::SeqCst)
     }
 
-    async fn read_gate(&self) {
+    async fn answer_gate(&self) {
         loop {
-            let released = self.reads_released.notified();
-            if !self.reads_held.load(Ordering::SeqCst) {
+            let released = self.answers_released.notified();
+            if !self.answers_held.load(Ordering::SeqCst) {
                 return;
             }
-            self.reads_waiting.fetch_add(1, Ordering::SeqCst);
+            self.answers_waiting.fetch_add(1, Ordering::SeqCst);
             released.await;
-            self.reads_waiting.fetch_sub(1, Ordering::SeqCst);
+            self.answers_waiting.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+
+    /// A write, applied now (see [`Store::write`]).
+    fn write_now(
+        &self,
+        key: &[u8],
+        change: Change<'_>,
+        expect: Expect,
+        view: View,
+    ) -> Result<Written, StoreError> {
+        let mut items = self.enter()?;
+        if self.timing_out.load(Ordering::SeqCst) {
+            let (put, retime) = match change {
+                Change::Put(item) => (Some(item.clone()), (0, 0)),
+                Change::Retime {
+                    expires_at,
+                    version,
+                } => (None, (expires_at, version)),
+            };
+            self.late.lock().unwrap().push(Late {
+                key: key.to_vec(),
+                put,
+                retime,
+                expect,
+                view,
+            });
+            return Err(StoreError::Timeout);
+        }
+        if let Expect::Version { .. } = expect
+            && self.interfering.load(Ordering::SeqCst)
+            && let Some(item) = items.get_mut(key)
+        {
+            item.version += 1;
+        }
+        Ok(apply(&mut items, key, change, expect, view))
     }
 
     /// Makes every later write time out without being applied.
@@ -141,7 +177,7 @@ impl Store for MemoryStore {
 
     async fn get(&self, key: &[u8]) -> Result<Option<Item>, StoreError> {
         let found = self.enter()?.get(key).cloned();
-        self.read_gate().await;
+        self.answer_gate().await;
         Ok(found)
     }
 
@@ -152,31 +188,9 @@ impl Store for MemoryStore {
         expect: Expect,
         view: View,
     ) -> Result<Written, StoreError> {
-        let mut items = self.enter()?;
-        if self.timing_out.load(Ordering::SeqCst) {
-            let (put, retime) = match change {
-                Change::Put(item) => (Some(item.clone()), (0, 0)),
-                Change::Retime {
-                    expires_at,
-                    version,
-                } => (None, (expires_at, version)),
-            };
-            self.late.lock().unwrap().push(Late {
-                key: key.to_vec(),
-                put,
-                retime,
-                expect,
-                view,
-            });
-            return Err(StoreError::Timeout);
-        }
-        if let Expect::Version { .. } = expect
-            && self.interfering.load(Ordering::SeqCst)
-            && let Some(item) = items.get_mut(key)
-        {
-            item.version += 1;
-        }
-        Ok(apply(&mut items, key, change, expect, view))
+        let written = self.write_now(key, change, expect, view)?;
+        self.answer_gate().await;
+        Ok(written)
     }
 
     async fn ready(&self) -> Result<(), String> {
