@@ -125,7 +125,7 @@ pub struct Engine<S> {
     /// Items with a version below this are flushed once its time has come
     /// (`flush_all`, here or seen in the store's marker); 0 = none.
     flushed_before: AtomicU64,
-    /// DynamoDB is known to be failing (a read failed with an outage error
+    /// DynamoDB is known to be failing (a call failed with an outage error
     /// and nothing has succeeded since): aged entries are served at once
     /// where `stale_on_error` allows, and the upkeep probes every second.
     store_down: std::sync::atomic::AtomicBool,
@@ -380,7 +380,7 @@ impl<S: Store> Engine<S> {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Notes what a store read says about DynamoDB's health.
+    /// Notes what a store call (a read or a write) says about DynamoDB's health.
     fn note_store<T>(&self, result: &Result<T, StoreError>) {
         match result {
             Ok(_) => self.store_down.store(false, Ordering::Relaxed),

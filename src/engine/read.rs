@@ -121,24 +121,14 @@ impl<S: Store> Engine<S> {
             let ahead = lookups.len() * (self.options.item_size_max + REPLY_HEAD);
             out.make_room(ahead).await;
         }
-        // Old copies may stand in for a re-read that fails, if allowed: at
-        // once while DynamoDB is known to be failing, else after at most
-        // `REVALIDATE_WAIT`.
+        // Old copies may stand in for a re-read, if allowed (every key
+        // not fresh has one).
         let stale_ok = self.options.stale_on_error
             && lookups.iter().all(|(_, l)| !matches!(l, Lookup::Absent));
         let fetched = if wanted.is_empty() {
             Some(Vec::new())
-        } else if stale_ok && self.store_down() {
-            None
         } else if stale_ok {
-            match tokio::time::timeout(REVALIDATE_WAIT, self.fetch(&wanted, view)).await {
-                Ok(Ok(fetched)) => Some(fetched),
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "serving entries past max_local_age: the store failed");
-                    None
-                }
-                Err(_) => None,
-            }
+            self.reread(&wanted, view).await
         } else {
             Some(self.fetch(&wanted, view).await?)
         };
@@ -203,17 +193,7 @@ impl<S: Store> Engine<S> {
                 Some(item)
             }
             Lookup::Aged(item) if self.options.stale_on_error => {
-                // As in a get: a stale copy at once while DynamoDB is known
-                // to be failing, else after at most `REVALIDATE_WAIT`.
-                let read = if self.store_down() {
-                    None
-                } else {
-                    tokio::time::timeout(REVALIDATE_WAIT, self.fetch(&[key], view))
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                };
-                match read {
+                match self.reread(&[key], view).await {
                     Some(mut items) => {
                         self.counters.record(Event::CacheMisses);
                         items.pop().flatten().map(Arc::unwrap_or_clone)
@@ -241,6 +221,23 @@ impl<S: Store> Engine<S> {
     /// cannot hold one of its keys.
     fn check_keys<'k>(&self, mut keys: impl Iterator<Item = &'k [u8]>) -> Result<(), StoreError> {
         keys.try_for_each(|key| self.check_key(key))
+    }
+
+    /// Re-reads entries past `max_local_age` whose old copies may stand in:
+    /// None (serve the copies) at once while DynamoDB is known to be
+    /// failing, or when the read fails or takes longer than `REVALIDATE_WAIT`.
+    async fn reread(&self, keys: &[&[u8]], view: View) -> Option<Vec<Option<Arc<Item>>>> {
+        if self.store_down() {
+            return None;
+        }
+        match tokio::time::timeout(REVALIDATE_WAIT, self.fetch(keys, view)).await {
+            Ok(Ok(fetched)) => Some(fetched),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "serving entries past max_local_age: the store failed");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// A hit encoded from the cache into `out` in place, under its shard's

@@ -172,6 +172,7 @@ impl<S: Store> Engine<S> {
         let lock = self.writes.lock(key).await;
         let epoch = self.epoch_now();
         let result = self.write_locked(key, op, view).await;
+        self.note_store(&result);
         // Whatever a read in flight got is older than this write's outcome.
         self.reads.remove(key);
         match &result {
