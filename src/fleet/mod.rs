@@ -316,7 +316,7 @@ impl<S: Store> Fleet<S> {
             waits.push(self.wait_ack(holder, rx));
         }
         if !waits.is_empty() {
-            futures_join_all(waits).await;
+            futures_util::future::join_all(waits).await;
             metrics::histogram!(crate::metrics::FLEET_ACK_WAIT)
                 .record(started.elapsed().as_secs_f64());
         }
@@ -1105,23 +1105,6 @@ impl<S: Store> Fleet<S> {
             );
         }
     }
-}
-
-/// Waits for every future (a small join_all: no extra dependency).
-async fn futures_join_all<F: Future<Output = ()>>(futures: Vec<F>) {
-    let mut set = Vec::with_capacity(futures.len());
-    for f in futures {
-        set.push(Box::pin(f));
-    }
-    std::future::poll_fn(|cx| {
-        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
-        if set.is_empty() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await
 }
 
 #[cfg(test)]

@@ -101,21 +101,7 @@ impl Cipher {
         stream: &mut T,
         psk: &[u8; 32],
     ) -> Result<Cipher, WireError> {
-        let mut noise = snow::Builder::new(NOISE.parse().expect("a valid Noise pattern"))
-            .psk(0, psk)
-            .and_then(|b| b.build_initiator())
-            .map_err(|_| WireError::Crypto)?;
-        let mut buf = vec![0u8; FRAME_MAX];
-        let n = noise
-            .write_message(&[], &mut buf)
-            .map_err(|_| WireError::Crypto)?;
-        write_frame(stream, &buf[..n]).await?;
-        let frame = read_frame(stream).await?;
-        noise
-            .read_message(&frame, &mut buf)
-            .map_err(|_| WireError::Crypto)?;
-        let transport = noise.into_transport_mode().map_err(|_| WireError::Crypto)?;
-        Ok(Cipher(Mutex::new(transport)))
+        Cipher::handshake(stream, psk, true).await
     }
 
     /// Runs the handshake as the dialed.
@@ -123,19 +109,38 @@ impl Cipher {
         stream: &mut T,
         psk: &[u8; 32],
     ) -> Result<Cipher, WireError> {
-        let mut noise = snow::Builder::new(NOISE.parse().expect("a valid Noise pattern"))
+        Cipher::handshake(stream, psk, false).await
+    }
+
+    /// NNpsk0 takes one message each way: the dialer's, then the answer.
+    async fn handshake<T: AsyncRead + AsyncWrite + Unpin>(
+        stream: &mut T,
+        psk: &[u8; 32],
+        dialer: bool,
+    ) -> Result<Cipher, WireError> {
+        let builder = snow::Builder::new(NOISE.parse().expect("a valid Noise pattern"))
             .psk(0, psk)
-            .and_then(|b| b.build_responder())
             .map_err(|_| WireError::Crypto)?;
+        let mut noise = if dialer {
+            builder.build_initiator()
+        } else {
+            builder.build_responder()
+        }
+        .map_err(|_| WireError::Crypto)?;
         let mut buf = vec![0u8; FRAME_MAX];
-        let frame = read_frame(stream).await?;
-        noise
-            .read_message(&frame, &mut buf)
-            .map_err(|_| WireError::Crypto)?;
-        let n = noise
-            .write_message(&[], &mut buf)
-            .map_err(|_| WireError::Crypto)?;
-        write_frame(stream, &buf[..n]).await?;
+        for sending in [dialer, !dialer] {
+            if sending {
+                let n = noise
+                    .write_message(&[], &mut buf)
+                    .map_err(|_| WireError::Crypto)?;
+                write_frame(stream, &buf[..n]).await?;
+            } else {
+                let frame = read_frame(stream).await?;
+                noise
+                    .read_message(&frame, &mut buf)
+                    .map_err(|_| WireError::Crypto)?;
+            }
+        }
         let transport = noise.into_transport_mode().map_err(|_| WireError::Crypto)?;
         Ok(Cipher(Mutex::new(transport)))
     }
