@@ -112,9 +112,6 @@ where
                         close = true;
                         break;
                     }
-                    if out.pending().len() >= WRITE_HIGH_WATER {
-                        out.flush().await;
-                    }
                 }
                 Parsed::Incomplete => break,
                 Parsed::Invalid {
@@ -151,6 +148,12 @@ where
                     close = true;
                     break;
                 }
+            }
+            // Whatever the request was (an error reply counts too: a
+            // read of bare newlines asks for 7 bytes per byte), replies
+            // beyond the allowance are written before reading on.
+            if out.pending().len() >= WRITE_HIGH_WATER {
+                out.flush().await;
             }
             if let Some(e) = out.take_error() {
                 return Err(e);
@@ -194,3 +197,4 @@ where
         engine.counters().io(read, 0);
     }
 }
+
