@@ -54,7 +54,11 @@ edges = {}
 for m, src in mods.items():
     body = re.sub(r"#\[cfg\(test\)\]\s*mod tests\s*\{.*", "", src, flags=re.S)
     edges.setdefault(node(m), set())
-    for path in re.findall(r"\b((?:crate|super|self)(?:::\w+)+)", body):
+    paths = re.findall(r"\b((?:crate|super|self)(?:::\w+)+)", body)
+    # Grouped imports: `use super::{classic, meta};` names each module.
+    for prefix, group in re.findall(r"\b((?:crate|super|self)(?:::\w+)*)::\{([^}]*)\}", body):
+        paths += [f"{prefix}::{name.strip().split(' ')[0]}" for name in group.split(",") if name.strip()]
+    for path in paths:
         t = resolve(m, path)
         if not t or t == m or m.startswith(t + "::") or t.startswith(m + "::"):
             continue

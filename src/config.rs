@@ -323,13 +323,28 @@ impl Config {
                     "must be between 100ms and 60s",
                 ));
             }
-            if let Some(advertise) = &f.advertise
-                && !advertise.contains(':')
-            {
-                return Err(invalid(
-                    "fleet.advertise",
-                    format!("{advertise:?} is not host:port"),
-                ));
+            match (&f.advertise, f.listen) {
+                (Some(advertise), _) => {
+                    let port = advertise.rsplit_once(':').map(|(host, port)| {
+                        (!host.is_empty()).then_some(()).and(port.parse::<u16>().ok())
+                    });
+                    if !matches!(port, Some(Some(p)) if p != 0) {
+                        return Err(invalid(
+                            "fleet.advertise",
+                            format!("{advertise:?} is not host:port"),
+                        ));
+                    }
+                }
+                // Peers would dial 0.0.0.0: their own host.
+                (None, Some(listen)) if listen.ip().is_unspecified() => {
+                    return Err(invalid(
+                        "fleet.advertise",
+                        format!(
+                            "fleet.listen {listen} is every address of this host, which peers cannot dial: set the address they reach this host at (e.g. the pod IP and port)"
+                        ),
+                    ));
+                }
+                (None, _) => {}
             }
         }
         if self.tcp_listen().is_none() && self.unix_socket.is_none() {

@@ -192,7 +192,7 @@ struct FleetFlags {
     )]
     #[serde(rename = "listen", skip_serializing_if = "Option::is_none")]
     fleet_listen: Option<SocketAddr>,
-    /// The address peers dial, host:port [default: --fleet-listen].
+    /// The address peers dial, host:port [default: --fleet-listen; required when that is 0.0.0.0].
     #[arg(
         long = "fleet-advertise",
         value_name = "HOST:PORT",

@@ -464,6 +464,28 @@ fn fleet_mode_comes_from_the_environment_and_its_secret_is_never_printed() {
     );
     assert_eq!(config.fleet.advertise.as_deref(), Some("10.0.3.7:11311"));
     assert_eq!(config.fleet.lease, Duration::from_secs(2));
+    // An address peers cannot dial is refused, naming fleet.advertise:
+    // every address of the host (peers would dial themselves), or no port.
+    for (listen, advertise) in [
+        ("0.0.0.0:11311", None),
+        ("127.0.0.1:11311", Some("10.0.3.7")),
+        ("127.0.0.1:11311", Some("10.0.3.7:")),
+        ("127.0.0.1:11311", Some(":11311")),
+    ] {
+        let mut cmd = dynacache(&["--check-config"]);
+        cmd.env("DYNACACHE_FLEET__LISTEN", listen)
+            .env("DYNACACHE_FLEET_SECRET", secret);
+        if let Some(advertise) = advertise {
+            cmd.env("DYNACACHE_FLEET__ADVERTISE", advertise);
+        }
+        let out = finish(cmd);
+        assert_eq!(out.status.code(), Some(64), "{listen} {advertise:?}");
+        assert!(
+            stderr(&out).starts_with("dynacache: config key `fleet.advertise`: "),
+            "{}",
+            stderr(&out)
+        );
+    }
     // Without a secret (or a short one), fleet mode is refused, naming it.
     for short in [None, Some("too short")] {
         let mut cmd = dynacache(&["--check-config"]);

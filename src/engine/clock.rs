@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 const RELATIVE_EXPTIME_MAX: i64 = 60 * 60 * 24 * 30;
 
 /// memcached's exptime (already cut to 32 bits, as memcached stores it: see
-/// `protocol::parse::exptime_token`) as an absolute expiry in Unix seconds:
+/// `protocol::token::exptime_token`) as an absolute expiry in Unix seconds:
 /// 0 = never; up to 30 days relative to `now`; above that a Unix time;
 /// negative or past = already expired (`now`, which TTL will sweep: TTL
 /// ignores times more than five years old, so an item is never written with

@@ -111,47 +111,6 @@ pub enum Command<'a> {
     Quit,
 }
 
-impl Command<'_> {
-    /// The command's name as a static string, for metrics labels.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Command::Get {
-                cas: false,
-                touch: None,
-                ..
-            } => "get",
-            Command::Get {
-                cas: true,
-                touch: None,
-                ..
-            } => "gets",
-            Command::Get {
-                cas: false,
-                touch: Some(_),
-                ..
-            } => "gat",
-            Command::Get {
-                cas: true,
-                touch: Some(_),
-                ..
-            } => "gats",
-            Command::Store { mode, .. } => mode.name(),
-            Command::Delete { .. } => "delete",
-            Command::Touch { .. } => "touch",
-            Command::Arith { incr: true, .. } => "incr",
-            Command::Arith { incr: false, .. } => "decr",
-            Command::FlushAll { .. } => "flush_all",
-            Command::Stats(_) => "stats",
-            Command::Verbosity { .. } => "verbosity",
-            Command::CacheMemlimit { .. } => "cache_memlimit",
-            Command::Shutdown => "shutdown",
-            Command::MetaNoop => "mn",
-            Command::Meta(meta) => meta.cmd.name(),
-            Command::Version => "version",
-            Command::Quit => "quit",
-        }
-    }
-}
 
 /// The keys of a multi-key retrieval: the space-separated tail of the request
 /// line, already checked by the parser (1..=250 bytes each).

@@ -1,4 +1,4 @@
-//! Request parsing: nom *streaming* parsers over the connection's read buffer.
+//! Request parsing, the entry point: frames a request line over the connection's read buffer.
 //!
 //! [`parse`] looks at the front of the buffer and answers with one [`Parsed`]:
 //! a whole request and its length, "need more bytes", or what to answer for a
