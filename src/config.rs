@@ -326,7 +326,9 @@ impl Config {
             match (&f.advertise, f.listen) {
                 (Some(advertise), _) => {
                     let port = advertise.rsplit_once(':').map(|(host, port)| {
-                        (!host.is_empty()).then_some(()).and(port.parse::<u16>().ok())
+                        (!host.is_empty())
+                            .then_some(())
+                            .and(port.parse::<u16>().ok())
                     });
                     if !matches!(port, Some(Some(p)) if p != 0) {
                         return Err(invalid(

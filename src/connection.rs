@@ -197,4 +197,3 @@ where
         engine.counters().io(read, 0);
     }
 }
-

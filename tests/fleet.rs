@@ -980,6 +980,12 @@ async fn members_join_and_leave_without_a_stale_read_or_a_wait() {
         0.0
     );
     s[0].coherent(Duration::from_secs(5)).await;
+    // Nobody emptied its cache for the member that left either.
+    assert_eq!(
+        s[0].metric("dynacache_fleet_coherence_regained_total")
+            .await,
+        regained[0]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1027,6 +1033,11 @@ async fn a_peer_without_the_secret_and_garbage_are_refused() {
     let (reply, _) = timed_set(&intruder, "k", "intruder").await;
     assert_eq!(reply, "SERVER_ERROR fleet membership unknown\r\n");
     assert_eq!(intruder.metric("dynacache_fleet_coherent").await, 0.0);
+    assert_eq!(
+        intruder.metric("dynacache_fleet_evictions_total").await,
+        0.0,
+        "a member no peer counts evicts nobody"
+    );
     assert_eq!(
         intruder
             .metric("dynacache_fleet_leases_granted_total")

@@ -361,6 +361,9 @@ impl<S: Store> Engine<S> {
         // insert, which a regain may have raced: its clear comes after).
         let current = |f: &Arc<Fleet<S>>| f.coherent(self.now_ms()) && f.epoch() == epoch;
         if self.fleet.get().is_some_and(|f| !current(f)) {
+            // Nor may an older copy stay (one filled since by a read that
+            // did not see this outcome).
+            self.cache.remove(key);
             return;
         }
         if !self.cache.insert_item(key, item, now_ms) {
@@ -532,6 +535,8 @@ impl<S: Store> LocalCache for Engine<S> {
 
     fn regain(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
         Box::pin(async move {
+            // Reads in flight began before: no get may join them now.
+            self.reads.clear();
             self.cache.clear();
             match self.refresh_flush_marker().await {
                 Ok(()) => true,

@@ -353,8 +353,16 @@ impl<S: Store> Engine<S> {
             flights: Vec::new(),
         };
         let mut follow = Vec::new();
+        // Fleet mode, not coherent: peers' writes do not wait for this
+        // member, so a read in flight may predate one acknowledged since;
+        // every get reads for itself.
+        let incoherent = self.fleet.get().is_some_and(|f| !f.coherent(self.now_ms()));
         for (i, key) in keys.iter().enumerate() {
             match self.reads.entry(Box::from(*key)) {
+                dashmap::Entry::Occupied(_) if incoherent => {
+                    // Its own flight, outside the map (its result fills nothing).
+                    lead.flights.push((i, Arc::new(Flight::new())));
+                }
                 dashmap::Entry::Occupied(e) => follow.push((i, e.get().result.subscribe())),
                 dashmap::Entry::Vacant(e) => {
                     let flight = Arc::new(Flight::new());

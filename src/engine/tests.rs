@@ -951,3 +951,37 @@ async fn fleet_an_invalidation_keeps_a_write_in_flight_out_of_the_cache() {
     assert_eq!(ours.await.unwrap(), "STORED\r\n");
     assert!(!hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv2\r\nEND\r\n").await);
 }
+
+/// Not coherent, a get does not join a read already in flight: that read
+/// may predate a peer's write acknowledged since without waiting for this
+/// member.
+#[tokio::test]
+async fn fleet_without_the_leases_a_get_joins_no_read_in_flight() {
+    let (e, fleet) = fleet_engine();
+    fleet.test_lease(60_000).await;
+    e.store().insert_raw(b"k", item(b"v1", 1));
+    e.store().hold_answers(true);
+    let first = tokio::spawn({
+        let e = e.clone();
+        async move { run(&e, b"get k\r\n", NOW).await }
+    });
+    while e.store().answers_waiting() == 0 {
+        tokio::task::yield_now().await;
+    }
+    // The lease lapses; a peer's write is acknowledged without us.
+    fleet.test_lease(0).await;
+    e.store().insert_raw(b"k", item(b"v2", 2));
+    let later = tokio::spawn({
+        let e = e.clone();
+        async move { run(&e, b"get k\r\n", NOW).await }
+    });
+    // It reads for itself (two reads held), or has joined the first.
+    while e.store().answers_waiting() < 2
+        && e.reads.get(&b"k"[..]).is_none_or(|f| f.followers() == 0)
+    {
+        tokio::task::yield_now().await;
+    }
+    e.store().hold_answers(false);
+    assert_eq!(first.await.unwrap(), "VALUE k 0 2\r\nv1\r\nEND\r\n");
+    assert_eq!(later.await.unwrap(), "VALUE k 0 2\r\nv2\r\nEND\r\n");
+}

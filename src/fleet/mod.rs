@@ -108,6 +108,8 @@ struct Holder {
     /// Invalidations sent and not acknowledged: id -> (sent at, waiter).
     pending: Mutex<BTreeMap<u64, Pending>>,
     closed: AtomicBool,
+    /// An invalidation could not be queued: no more grants on this link.
+    broken: AtomicBool,
     /// Whether we told the peer we count it (`Known`).
     known_sent: AtomicBool,
 }
@@ -299,17 +301,25 @@ impl<S: Store> Fleet<S> {
             .cloned()
             .collect();
         let mut waits = Vec::with_capacity(targets.len());
+        // Senders of waits no acknowledgement may end (kept until the end).
+        let mut unreleasable = Vec::new();
         for holder in targets {
-            let id = self.next_id.fetch_add(1, Ordering::SeqCst);
             let (tx, rx) = oneshot::channel();
-            holder
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id, (now, Some(tx)));
-            // A full or closed queue: the message is lost, and its wait ends
-            // with the holder's lease, as for a peer that does not answer.
-            let _ = holder.tx.try_send(make(id));
+            {
+                // An acknowledgement covers every id up to its own, so ids
+                // are queued in order: taken and sent under the lock.
+                let mut pending = holder.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+                if !holder.broken.load(Ordering::SeqCst) && holder.tx.try_send(make(id)).is_ok() {
+                    pending.insert(id, (now, Some(tx)));
+                } else {
+                    // A full or closed queue: the message is lost, so no
+                    // later acknowledgement may stand for it. The link gets
+                    // no more grants, and this write waits out its lease.
+                    holder.broken.store(true, Ordering::SeqCst);
+                    unreleasable.push(tx);
+                }
+            }
             self.counters
                 .invalidations_sent
                 .fetch_add(1, Ordering::Relaxed);
@@ -317,6 +327,7 @@ impl<S: Store> Fleet<S> {
         }
         if !waits.is_empty() {
             futures_util::future::join_all(waits).await;
+            drop(unreleasable);
             metrics::histogram!(crate::metrics::FLEET_ACK_WAIT)
                 .record(started.elapsed().as_secs_f64());
         }
@@ -371,6 +382,12 @@ impl<S: Store> Fleet<S> {
         // peers need neither our lease nor our acknowledgements.
         self.leaving.store(true, Ordering::SeqCst);
         self.coherent_until.store(0, Ordering::SeqCst);
+        // Out of the membership first: a peer that gets our `Bye` and then
+        // still reads us listed would take us for a member that rejoined.
+        let me = self.me;
+        if let Err(e) = membership::update(&*self.store, |m| m.retain(|m| m.id != me)).await {
+            tracing::warn!(error = %e, "cannot remove this member from the fleet's membership");
+        }
         self.departing.cancel();
         for holder in self
             .holders
@@ -379,10 +396,6 @@ impl<S: Store> Fleet<S> {
             .iter()
         {
             let _ = holder.tx.try_send(Msg::Bye);
-        }
-        let me = self.me;
-        if let Err(e) = membership::update(&*self.store, |m| m.retain(|m| m.id != me)).await {
-            tracing::warn!(error = %e, "cannot remove this member from the fleet's membership");
         }
         // Let the byes go out before the process ends.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -625,13 +638,13 @@ impl<S: Store> Fleet<S> {
         }
         // Regained after a lapse (or for the first time).
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        self.counters.lapses.fetch_add(1, Ordering::Relaxed);
         let Some(cache) = self.cache.get().and_then(Weak::upgrade) else {
             return false;
         };
         if !cache.regain().await {
             return true;
         }
+        self.counters.lapses.fetch_add(1, Ordering::Relaxed);
         let now = self.now_ms();
         let until = self.coherence_deadline(now);
         if until > now {
@@ -682,8 +695,18 @@ impl<S: Store> Fleet<S> {
                     tracing::debug!(peer = format!("{peer:016x}"), error = %e, "fleet peer connection ended")
                 }
             }
-            // The connection is gone: so is its lease.
-            self.lock().leases.remove(&peer);
+            // The connection is gone: so is its lease, and invalidations
+            // may have been lost with it. Coherence ends now (not at the
+            // next look at the leases, which a grant on a new connection
+            // could precede), so it is regained with an emptied cache.
+            let lost = {
+                let now = self.now_ms();
+                let mut state = self.lock();
+                state.leases.remove(&peer).is_some() && self.needed(&state, now).contains(&peer)
+            };
+            if lost {
+                self.coherent_until.store(0, Ordering::SeqCst);
+            }
             self.changed.notify_one();
             tokio::select! {
                 _ = self.departing.cancelled() => return,
@@ -881,6 +904,7 @@ impl<S: Store> Fleet<S> {
             tx,
             pending: Mutex::new(BTreeMap::new()),
             closed: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
             known_sent: AtomicBool::new(false),
         });
         self.holders
@@ -930,7 +954,10 @@ impl<S: Store> Fleet<S> {
                                     .values()
                                     .next()
                                     .is_some_and(|(at, _)| now.saturating_sub(*at) > lease / 3);
-                                if stuck || fleet.leaving.load(Ordering::SeqCst) {
+                                if stuck
+                                    || holder.broken.load(Ordering::SeqCst)
+                                    || fleet.leaving.load(Ordering::SeqCst)
+                                {
                                     continue;
                                 }
                                 holder.lease_end.fetch_max(now + lease, Ordering::SeqCst);

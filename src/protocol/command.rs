@@ -111,7 +111,6 @@ pub enum Command<'a> {
     Quit,
 }
 
-
 /// The keys of a multi-key retrieval: the space-separated tail of the request
 /// line, already checked by the parser (1..=250 bytes each).
 /// Iterating splits lazily, so a `get` of 100 keys allocates nothing.
