@@ -6,10 +6,10 @@
 #   scripts/bench.sh                 # hit path + miss/write paths, ~10 minutes
 #   scripts/bench.sh --long          # 5 rounds of 20 s per workload
 #   scripts/bench.sh --only memory   # RSS with 1M items, budget check (~5 min)
-#   scripts/bench.sh --only fleet    # write latency with 0, 1, 2, 4 fleet peers (~3 min)
+#   scripts/bench.sh --only fleet    # fleet: write latency with 0-4 peers, reads per request (~4.5 min)
 #   scripts/bench.sh --only all      # everything
 #
-# Options: --rounds N, --duration SECS, --only hit|miss|memory|hit,miss|all,
+# Options: --rounds N, --duration SECS, --only hit|miss|memory|fleet|hit,miss|all,
 # --workloads REGEX (only the hit/miss workloads whose name matches),
 # --peers "1 2 4" (fleet: peer counts to measure besides fleet mode off),
 # --threads N (server threads, default 1), --no-pin, --out DIR (results; default
@@ -46,7 +46,7 @@ while [ $# -gt 0 ]; do
     --peers) PEERS="$2"; shift ;;
     --no-pin) PIN=0 ;;
     --out) OUT="$2"; shift ;;
-    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "bench: unknown option $1" >&2; exit 64 ;;
   esac
   shift
@@ -179,7 +179,7 @@ stop_pid() {
 
 init_table() { "$DYNACACHE" --endpoint-url "$ENDPOINT" --table "$1" init-table >&2; }
 
-metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m {print $2}'; }
+metric() { curl -s -m 2 "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m {print $2}'; }
 
 TIMING=(--duration "${DURATION}s" --warmup "${WARMUP}s")
 
@@ -366,6 +366,8 @@ if want fleet; then
   init_table fleet
   FLEET_RESULTS="$OUT/fleet.txt"
   : >"$FLEET_RESULTS"
+  : >"$OUT/fleet-ackwait.txt"
+  : >"$OUT/fleet-cost.txt"
   start_fleet() { # $1 = sidecars in fleet mode (0: one sidecar, fleet mode off)
     local n="$1" i
     FLEET_PIDS=()
@@ -385,7 +387,7 @@ if want fleet; then
       [ -z "$FLEET_ADDR" ] && FLEET_ADDR="127.0.0.1:$port" && FLEET_METRICS="$metrics"
       # Ready: in fleet mode, every member counts it (may acknowledge writes).
       for _ in $(seq 300); do
-        [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$metrics/readyz")" = 200 ] && break
+        [ "$(curl -s -m 2 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$metrics/readyz")" = 200 ] && break
         sleep 0.1
       done
     done
@@ -423,7 +425,7 @@ if want fleet; then
   loadgen_free ddb-fill --endpoint "$ENDPOINT" --table fleetcost --keys "$COST_KEYS" >&2
   reads_of() { # the sum over metrics ports "$@" of DynamoDB reads (GetItem, BatchGetItem)
     local p
-    for p in "$@"; do curl -s "http://127.0.0.1:$p/metrics"; done |
+    for p in "$@"; do curl -s -m 2 "http://127.0.0.1:$p/metrics"; done |
       awk '$1 ~ /^dynacache_dynamodb_requests_total[{]operation="(GetItem|BatchGetItem)"/ {s += $2} END {printf "%d", s}'
   }
   for mode in fleet age-2s age-1ms; do
@@ -445,7 +447,7 @@ if want fleet; then
     done
     for metrics in "${COST_METRICS[@]}"; do
       for _ in $(seq 300); do
-        [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$metrics/readyz")" = 200 ] && break
+        [ "$(curl -s -m 2 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$metrics/readyz")" = 200 ] && break
         sleep 0.1
       done
     done
@@ -465,12 +467,12 @@ if want fleet; then
     for i in 0 1 2; do
       loadgen_free mc --addr "${COST_ADDRS[$i]}" --keys "$COST_KEYS" --set-ratio 0.1 --connections 4 \
         --duration "${DURATION}s" --warmup 0s --tag workload=session --tag "server=$mode" >"$OUT/cost-$mode-gen$i.txt" &
-      gens+=($!)
+      gens+=("$!"); PIDS+=("$!")
     done
     for g in "${gens[@]}"; do wait "$g"; done
     after="$(reads_of "${COST_METRICS[@]}")"
     requests="$(cat "$OUT"/cost-"$mode"-gen*.txt | sed -n 's/.* ops=\([0-9]*\) .*/\1/p' | awk '{s += $1} END {printf "%d", s}')"
-    echo "COST mode=$mode requests=$requests dynamodb_reads=$((after - before)) reads_per_1000_requests=$(awk -v r="$((after - before))" -v n="$requests" 'BEGIN {printf "%.1f", 1000 * r / n}')" | tee -a "$OUT/fleet-cost.txt"
+    echo "COST mode=$mode requests=$requests dynamodb_reads=$((after - before)) reads_per_1000_requests=$(awk -v r="$((after - before))" -v n="$requests" 'BEGIN {printf "%.1f", n ? 1000 * r / n : 0}')" | tee -a "$OUT/fleet-cost.txt"
     for pid in "${COST_PIDS[@]}"; do stop_pid "$pid"; done
   done
 fi
