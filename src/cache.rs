@@ -57,6 +57,9 @@ pub struct Entry {
     /// When the engine last had this from the store (its own clock, in ms),
     /// to bound how stale a copy may get ([`Entry::filled_at`]).
     pub filled_at_ms: u64,
+    /// The store's [`Item::chunks`], kept so a write over this copy names
+    /// them.
+    pub chunks: u8,
 }
 
 impl Entry {
@@ -73,7 +76,14 @@ impl Entry {
             expires_at,
             version,
             filled_at_ms: 0,
+            chunks: 0,
         }
+    }
+
+    /// The same entry, held by the store over `1 + chunks` items.
+    pub fn chunks(mut self, chunks: u8) -> Entry {
+        self.chunks = chunks;
+        self
     }
 
     /// The same entry, marked as read from the store at `ms`.
@@ -121,7 +131,11 @@ impl EntryRef<'_> {
     }
 
     pub fn filled_at_ms(&self) -> u64 {
-        self.0.filled_and_key_len & FILLED_MASK
+        self.0.packed & FILLED_MASK
+    }
+
+    pub fn chunks(&self) -> u8 {
+        (self.0.packed >> CHUNKS_SHIFT) as u8
     }
 
     /// A copy that outlives the lock.
@@ -131,6 +145,7 @@ impl EntryRef<'_> {
             flags: self.0.flags,
             expires_at: self.0.expires_at,
             version: self.0.version,
+            chunks: self.chunks(),
         }
     }
 }
@@ -234,7 +249,7 @@ impl ItemCache {
     /// `filled_at_ms` (see [`Entry::filled_at`]); as [`ItemCache::insert`].
     pub fn insert_item(&self, key: &[u8], item: &Item, filled_at_ms: u64) -> bool {
         let entry = Entry::new(key, &item.value, item.flags, item.expires_at, item.version);
-        self.insert(entry.filled_at(filled_at_ms))
+        self.insert(entry.filled_at(filled_at_ms).chunks(item.chunks))
     }
 
     /// Stores `entry`, replacing any entry for its key, evicting least
@@ -343,8 +358,9 @@ struct Slot {
     /// The key followed by the value, exactly that long.
     kv: Box<[u8]>,
     version: u64,
-    /// `filled_at_ms` in the low 56 bits, the key's length in the top 8.
-    filled_and_key_len: u64,
+    /// `filled_at_ms` in the low 48 bits, then the store's chunk count, then
+    /// the key's length in the top 8.
+    packed: u64,
     flags: u32,
     expires_at: u32,
     /// Towards the most recently used end.
@@ -353,17 +369,20 @@ struct Slot {
     next: u32,
 }
 
-const FILLED_BITS: u32 = 56;
+const FILLED_BITS: u32 = 48;
 const FILLED_MASK: u64 = (1 << FILLED_BITS) - 1;
+const CHUNKS_SHIFT: u32 = FILLED_BITS;
+const KEY_LEN_SHIFT: u32 = 56;
 
 impl Slot {
     fn new(entry: Entry) -> Slot {
         Slot {
             kv: entry.kv,
             version: entry.version,
-            // 2^56 ms is two million years of uptime.
-            filled_and_key_len: entry.filled_at_ms.min(FILLED_MASK)
-                | u64::from(entry.key_len) << FILLED_BITS,
+            // 2^48 ms is 8,900 years of uptime.
+            packed: entry.filled_at_ms.min(FILLED_MASK)
+                | u64::from(entry.chunks) << CHUNKS_SHIFT
+                | u64::from(entry.key_len) << KEY_LEN_SHIFT,
             flags: entry.flags,
             expires_at: entry.expires_at,
             prev: NIL,
@@ -372,7 +391,7 @@ impl Slot {
     }
 
     fn key(&self) -> &[u8] {
-        &self.kv[..(self.filled_and_key_len >> FILLED_BITS) as usize]
+        &self.kv[..(self.packed >> KEY_LEN_SHIFT) as usize]
     }
 
     fn is_expired(&self, now: u32) -> bool {
@@ -554,21 +573,28 @@ mod tests {
     fn metadata_survives_the_compact_slot() {
         let cache = ItemCache::new(1 << 20, 1);
         let key = [b'k'; 250];
-        let entry = Entry::new(&key, b"value", u32::MAX, u32::MAX - 1, u64::MAX).filled_at(1 << 50);
+        let entry = Entry::new(&key, b"value", u32::MAX, u32::MAX - 1, u64::MAX)
+            .filled_at((1 << 48) - 1)
+            .chunks(u8::MAX);
         assert!(cache.insert(entry));
         let item = Item {
             value: b"value".to_vec(),
             flags: u32::MAX,
             expires_at: u32::MAX - 1,
             version: u64::MAX,
+            chunks: u8::MAX,
         };
         assert_eq!(cache.get(&key, 0), Some(item));
-        assert_eq!(cache.get_with(&key, 0, |e| e.filled_at_ms()), Some(1 << 50));
-        // A fill time beyond 56 bits is kept at the largest it can hold.
-        cache.insert(Entry::new(b"x", b"", 0, 0, 1).filled_at(u64::MAX));
         assert_eq!(
-            cache.get_with(b"x", 0, |e| e.filled_at_ms()),
-            Some((1 << 56) - 1)
+            cache.get_with(&key, 0, |e| e.filled_at_ms()),
+            Some((1 << 48) - 1)
+        );
+        // A fill time beyond 48 bits is kept at the largest it can hold,
+        // without touching the fields packed beside it.
+        cache.insert(Entry::new(b"x", b"", 0, 0, 1).filled_at(u64::MAX).chunks(3));
+        assert_eq!(
+            cache.get_with(b"x", 0, |e| (e.filled_at_ms(), e.chunks(), e.key().len())),
+            Some(((1 << 48) - 1, 3, 1))
         );
     }
 

@@ -14,10 +14,10 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::{Figment, Provider};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::store::{DynamoSettings, TableSettings};
+use crate::store::{CHUNKS_ATTRIBUTE, DynamoSettings, TableSettings, VALUE_MAX};
 
-/// DynamoDB's item size limit: key, value and attribute names included.
-pub const DYNAMODB_ITEM_MAX: u64 = 400 * 1024;
+/// memcached's default largest item (`-I 1m`).
+pub const ITEM_SIZE_MAX_DEFAULT: u64 = 1024 * 1024;
 
 /// Most `cache_shards`: 8192 cores' worth at the automatic 8 per core, and
 /// the shards' fixed cost (about 112 bytes each, allocated at start-up)
@@ -55,7 +55,9 @@ pub struct Config {
     /// Byte budget of the in-memory cache (keys, values and per-entry overhead).
     #[serde(with = "byte_size")]
     pub memory_limit: ByteSize,
-    /// Largest item accepted (key + value + attribute overhead); at most DynamoDB's 400 KiB.
+    /// Largest item accepted (key + value + attribute overhead): memcached's
+    /// 1 MiB by default; at most [`VALUE_MAX`], what one DynamoDB
+    /// transaction writes (items over 400 KiB are split over several).
     #[serde(with = "byte_size")]
     pub item_size_max: ByteSize,
     /// Connections served at once; more are refused (`ERROR Too many open connections`).
@@ -162,7 +164,7 @@ impl Default for Config {
             unix_socket_mode: SocketMode(0o700),
             metrics_listen: "127.0.0.1:9150".parse().unwrap(),
             memory_limit: ByteSize::mib(64),
-            item_size_max: ByteSize::b(DYNAMODB_ITEM_MAX),
+            item_size_max: ByteSize::b(ITEM_SIZE_MAX_DEFAULT),
             max_connections: 1024,
             cache_shards: 0,
             shutdown_grace: Duration::from_secs(10),
@@ -394,6 +396,12 @@ impl Config {
                     format!("{name:?} is already used by another attribute"),
                 ));
             }
+            if name.as_str() == CHUNKS_ATTRIBUTE {
+                return Err(invalid(
+                    key,
+                    format!("{name:?} is the attribute dynacache counts a large value's chunks in"),
+                ));
+            }
         }
         if d.max_attempts == 0 {
             return Err(invalid("dynamodb.max_attempts", "must be at least 1"));
@@ -472,12 +480,18 @@ impl Config {
                 ));
             }
         }
-        if !(1024..=DYNAMODB_ITEM_MAX).contains(&self.item_size_max.as_u64()) {
+        if !(1024..=VALUE_MAX as u64).contains(&self.item_size_max.as_u64()) {
             return Err(invalid(
                 "item_size_max",
                 format!(
-                    "must be between 1 KiB and DynamoDB's item limit, {DYNAMODB_ITEM_MAX} bytes"
+                    "must be between 1 KiB and {VALUE_MAX} bytes (4 MiB less 64 KiB: what one DynamoDB transaction writes)"
                 ),
+            ));
+        }
+        if !(1..=19).contains(&d.compression_level) {
+            return Err(invalid(
+                "dynamodb.compression_level",
+                "must be 1 (fastest) to 19 (smallest)",
             ));
         }
         if self.max_connections == 0 {
@@ -688,7 +702,7 @@ mod tests {
                 .contains("dynamodb.flags_attribute")
         );
         let config = Config {
-            item_size_max: ByteSize::mib(1),
+            item_size_max: ByteSize::mib(4),
             ..Config::default()
         };
         assert!(

@@ -16,6 +16,11 @@ pub struct Item {
     /// Versions are made from the writer's clock, so a version also dates
     /// its write (see [`View::flushed_before`]).
     pub version: u64,
+    /// How many items besides the key's own hold the rest of the value in
+    /// the store (0: all of it is in one item; see `store::dynamo`). Only
+    /// the store sets it; the engine hands it back with the version a
+    /// write replaces, so that the write removes those items too.
+    pub chunks: u8,
 }
 
 /// Whether an item with this expiry is gone at `now` (Unix seconds): the
@@ -67,6 +72,7 @@ impl Item {
             flags: 0,
             expires_at: now.saturating_sub(TOMBSTONE_AGE).max(1),
             version,
+            chunks: 0,
         }
     }
 }

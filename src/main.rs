@@ -142,7 +142,8 @@ struct Flags {
     )]
     #[serde(skip)]
     memory_mib: Option<u64>,
-    /// Largest item accepted, key and value included, e.g. "100KiB" [default: 400KiB].
+    /// Largest item accepted, key and value included, e.g. "100KiB"; at
+    /// most 3.9 MiB (4 MiB less 64 KiB) [default: 1MiB].
     #[arg(long, value_name = "SIZE", global = true, help_heading = "Cache")]
     #[serde(skip_serializing_if = "Option::is_none", with = "opt_byte_size")]
     item_size_max: Option<ByteSize>,
@@ -243,6 +244,18 @@ struct DynamoFlags {
     #[arg(long, value_name = "REGION", global = true, help_heading = "DynamoDB")]
     #[serde(skip_serializing_if = "Option::is_none")]
     region: Option<String>,
+    /// Store values of at least compression_threshold zstd-compressed when
+    /// that makes them smaller, or never ("off": for tables other programs
+    /// read) [default: zstd].
+    #[arg(
+        long,
+        value_name = "CODEC",
+        value_enum,
+        global = true,
+        help_heading = "DynamoDB"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compression: Option<dynacache::store::Compression>,
 }
 
 /// Flags of the `[table]` section: how `init-table` creates the table.

@@ -45,10 +45,19 @@ pub const CONNECTIONS_TOTAL: &str = "dynacache_connections_total";
 pub const CONNECTIONS_LIMIT: &str = "dynacache_connections_limit";
 pub const CONNECTIONS_LIMIT_REACHED: &str = "dynacache_connections_limit_reached_total";
 pub const CLIENT_BYTES: &str = "dynacache_client_bytes_total";
+pub const STORE_VALUES: &str = "dynacache_store_values_total";
+pub const STORE_VALUE_BYTES: &str = "dynacache_store_value_bytes_total";
+pub const DYNAMODB_CALL_CAPACITY: &str = "dynacache_dynamodb_call_capacity_units";
 
 /// Latency buckets for DynamoDB calls: 250 µs (DynamoDB Local on loopback) to 10 s.
 const DURATION_BUCKETS: &[f64] = &[
     0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Capacity units one DynamoDB call consumed: half a unit (an eventually
+/// consistent read) to a chunked value's transaction (2 units per KB).
+const CAPACITY_BUCKETS: &[f64] = &[
+    0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
 ];
 
 /// Keys per BatchGetItem call: up to DynamoDB's 100.
@@ -69,6 +78,10 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         .set_buckets_for_metric(Matcher::Full(DYNAMODB_DURATION.into()), DURATION_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(DYNAMODB_BATCH_KEYS.into()), BATCH_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(FLEET_ACK_WAIT.into()), COMMAND_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full(DYNAMODB_CALL_CAPACITY.into()),
+            CAPACITY_BUCKETS,
+        )?
         .install_recorder()?;
     describe();
     Ok(handle)
@@ -102,6 +115,19 @@ fn describe() {
     describe_counter!(
         DYNAMODB_RETRIES,
         "DynamoDB attempts beyond the first, by operation (the SDK's standard retry)."
+    );
+    describe_histogram!(
+        DYNAMODB_CALL_CAPACITY,
+        "Capacity units one DynamoDB call consumed, as DynamoDB reports them, by operation."
+    );
+    describe_counter!(
+        STORE_VALUES,
+        "Values written to or read from DynamoDB compressed, or split over chunk items."
+    );
+    describe_counter!(
+        STORE_VALUE_BYTES,
+        Unit::Bytes,
+        "Bytes of values written to or read from DynamoDB: as clients see them (plain) and as the table holds them (stored)."
     );
 }
 
@@ -546,9 +572,10 @@ static READ_CAPACITY: [CapacityCounter; 2] = [
     CapacityCounter::new("GetItem"),
     CapacityCounter::new("BatchGetItem"),
 ];
-static WRITE_CAPACITY: [CapacityCounter; 2] = [
+static WRITE_CAPACITY: [CapacityCounter; 3] = [
     CapacityCounter::new("PutItem"),
     CapacityCounter::new("UpdateItem"),
+    CapacityCounter::new("TransactWriteItems"),
 ];
 
 /// Adds what one call consumed; other operations (DescribeTable) consume none.
@@ -564,6 +591,7 @@ pub fn record_capacity(operation: &str, units: f64) {
         counter
             .milli_units
             .fetch_add((units * 1000.0).round() as u64, Ordering::Relaxed);
+        metrics::histogram!(DYNAMODB_CALL_CAPACITY, "operation" => counter.operation).record(units);
     }
 }
 

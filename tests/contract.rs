@@ -227,20 +227,27 @@ async fn pipelined_requests_are_answered_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_size_limit_matches_dynamodb() {
+async fn item_size_limit_is_memcacheds() {
     let db = DynamoLocal::shared().await;
     let settings = db.new_table().await;
     let server = TestServer::start(settings.clone()).await;
     let mut c = server.client().await;
     let key = "k".repeat(250);
-    let max = 400 * 1024 - key.len() - Store::item_overhead(server.engine.store());
-    // The largest value accepted is one DynamoDB accepts too.
+    // memcached's 1 MiB, key and attribute names included.
+    let max = 1024 * 1024 - key.len() - Store::item_overhead(server.engine.store());
+    // The largest value accepted is stored (incompressible: over three items).
+    let value = common::corpus::random(max, 9);
     let mut req = format!("set {key} 0 0 {max}\r\n").into_bytes();
-    req.extend(std::iter::repeat_n(b'v', max));
+    req.extend_from_slice(&value);
     req.extend_from_slice(b"\r\n");
     assert_eq!(c.call(&req).await, "STORED\r\n");
     let item = table_item(&db.client(), &settings, &key).await.unwrap();
-    assert_eq!(item["value"].as_b().unwrap().as_ref().len(), max);
+    assert_eq!(item["chunks"].as_n().unwrap(), "2");
+    let get = format!("get {key}\r\n");
+    let mut expected = format!("VALUE {key} 0 {max}\r\n").into_bytes();
+    expected.extend_from_slice(&value);
+    expected.extend_from_slice(b"\r\nEND\r\n");
+    assert!(c.call_bytes(get.as_bytes()).await == expected);
 
     // One byte more: refused, the data discarded, the stream still in sync,
     // and the old value gone (memcached drops it too: the client meant to
@@ -255,7 +262,6 @@ async fn item_size_limit_matches_dynamodb() {
     assert!(c.reply().await.starts_with("VERSION "));
     assert!(server.engine.cache().get(key.as_bytes(), 0).is_none());
     assert!(live_item(&db.client(), &settings, &key).await.is_none());
-    let get = format!("get {key}\r\n");
     assert_eq!(c.call(get.as_bytes()).await, "END\r\n");
 }
 

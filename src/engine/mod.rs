@@ -103,7 +103,7 @@ impl Default for EngineOptions {
             stale_on_error: true,
             flush_enabled: true,
             settings_report: Vec::new(),
-            item_size_max: 400 * 1024,
+            item_size_max: 1024 * 1024,
         }
     }
 }
@@ -403,8 +403,8 @@ const REPLY_HEAD: usize = 512;
 
 /// What a multi-get may hold of values read ahead of writing them: its
 /// misses are read this many bytes' worth of items at a time (at most 100
-/// keys, DynamoDB's BatchGetItem limit): 10 keys a call with the default
-/// 400 KiB `item_size_max`, 100 with items up to 40 KiB.
+/// keys, DynamoDB's BatchGetItem limit): 4 keys a call with the default
+/// 1 MiB `item_size_max`, 10 at 400 KiB, 100 with items up to 40 KiB.
 const READ_AHEAD: usize = 4 << 20;
 
 const NON_NUMERIC: Reply<'static> =

@@ -104,6 +104,7 @@ async fn miss_fills_from_store() {
         flags: 1,
         expires_at: 0,
         version: 77,
+        chunks: 0,
     };
     e.store().insert_raw(b"k", item);
     assert_eq!(
@@ -122,6 +123,7 @@ async fn expired_items_are_never_served() {
         flags: 0,
         expires_at: NOW - 1,
         version: 1,
+        chunks: 0,
     };
     e.store().insert_raw(b"old", item);
     assert_eq!(run(&e, b"get old\r\n", NOW).await, "END\r\n");
@@ -666,7 +668,10 @@ async fn a_write_of_unknown_outcome_is_fenced_and_never_served_stale() {
         "not cached while in doubt"
     );
     // ...so when it does land, the next read sees it.
-    assert_eq!(e.store().land_late(), [crate::store::Written::Done]);
+    assert_eq!(
+        e.store().land_late(),
+        [crate::store::Written::Done { chunks: 0 }]
+    );
     assert_eq!(
         run(&e, b"get k\r\n", NOW).await,
         "VALUE k 0 4\r\nlate\r\nEND\r\n"
@@ -824,6 +829,7 @@ fn item(value: &[u8], version: u64) -> Item {
         flags: 0,
         expires_at: 0,
         version,
+        chunks: 0,
     }
 }
 

@@ -286,11 +286,14 @@ impl<S: Store> Engine<S> {
                 .write(key, change_of(&change, &new), expect, view)
                 .await
             {
-                Ok(Written::Done) => return Ok(Done::Written(new)),
+                Ok(Written::Done { chunks }) => return Ok(Done::Written(Item { chunks, ..new })),
                 // An earlier attempt of this very write (the SDK retried it
                 // after a lost answer) landed.
                 Ok(Written::Conflict(Some(current))) if current.version == new.version => {
-                    return Ok(Done::Written(new));
+                    return Ok(Done::Written(Item {
+                        chunks: current.chunks,
+                        ..new
+                    }));
                 }
                 Ok(Written::Conflict(current)) => {
                     prior = Prior {
@@ -329,9 +332,11 @@ impl<S: Store> Engine<S> {
     pub(super) fn doubt_remote(&self, key: &[u8], expected: Option<u64>, ours: u64) {
         let expected = match expected {
             None => Expect::Missing,
+            // Only compared with what is seen (a peer fences its own).
             Some(version) => Expect::Version {
                 version,
                 live: false,
+                chunks: 0,
             },
         };
         // A doubt of our own stays: we must fence it.
@@ -401,9 +406,12 @@ impl<S: Store> Engine<S> {
             };
             // Not `Expect::of`: the condition is exactly the lost write's.
             let expect = match doubt.expected {
-                Expect::Version { version, .. } => Expect::Version {
+                Expect::Version {
+                    version, chunks, ..
+                } => Expect::Version {
                     version,
                     live: false,
+                    chunks,
                 },
                 Expect::Missing => Expect::Missing,
             };
@@ -508,6 +516,7 @@ pub(super) fn decide(
                 flags,
                 expires_at,
                 version,
+                chunks: 0,
             };
             match (mode, live) {
                 (StoreMode::Add, Some(_)) if cas.is_none() => Err(Refusal::NotStored),
@@ -525,6 +534,8 @@ pub(super) fn decide(
                         Item {
                             value,
                             version,
+                            // How the store splits it is the store's to say.
+                            chunks: 0,
                             ..item.clone()
                         },
                     ))
@@ -559,6 +570,7 @@ pub(super) fn decide(
                     flags: item.flags,
                     expires_at: expires_at.unwrap_or(item.expires_at),
                     version,
+                    chunks: 0,
                 },
             ))
         }
@@ -712,6 +724,7 @@ mod tests {
             flags: 3,
             expires_at: 0,
             version,
+            chunks: 0,
         }
     }
 

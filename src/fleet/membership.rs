@@ -65,13 +65,14 @@ pub async fn update<S: Store>(
             flags: 0,
             expires_at: 0,
             version,
+            chunks: 0,
         };
         let expect = Expect::of(roster.item.as_ref(), View::default());
         match store
             .write(KEY, Change::Put(&item), expect, View::default())
             .await?
         {
-            Written::Done => {
+            Written::Done { .. } => {
                 return Ok(Roster {
                     members,
                     item: Some(item),

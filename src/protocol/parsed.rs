@@ -25,7 +25,7 @@ impl Default for Limits {
         Limits {
             max_line: 2048,
             max_get_line: 256 * 1024,
-            item_size_max: 400 * 1024,
+            item_size_max: 1024 * 1024,
             item_overhead: 0,
         }
     }

@@ -5,6 +5,27 @@
 //! TTL attribute; absent = never) and a version (N) that every write changes.
 //! DynamoDB deletes expired items lazily, so every read compares the expiry
 //! with the clock itself.
+//!
+//! **Encoded values.** A value stored compressed, or too large for one item
+//! (400 KB), has a map as its value attribute: `{"zstd": B}` (or `{"raw":
+//! B}`) holding the bytes, or their first part. A binary that predates
+//! encoding reads a map as a bad item (`SERVER_ERROR`), never as a value,
+//! during a rolling upgrade. Values that are neither stay plain `B`, as
+//! every version of dynacache wrote them.
+//!
+//! **Chunks.** A value whose bytes do not fit one item is a *head* (the
+//! key's item, with the first part and `chunks` = n) and n chunk items at
+//! the keys `dynacache chunk <i> <key>` (i = 1..=n; no client can name
+//! them), each with the head's version and expiry, so the table's TTL
+//! removes them with it. Every write of a chunked key is one
+//! TransactWriteItems: the head, conditioned as any write (on the version
+//! replaced and on its chunk count), the new chunks, and deletes of the old
+//! chunks the new value does not overwrite; so nothing is ever half
+//! written, and no chunk outlives its head's last version (a delete leaves
+//! a tombstone head and no chunk). A reader reads the head, then its chunks
+//! (one consistent BatchGetItem), and uses them only if every one carries
+//! the head's version; else a write landed between the two reads, and it
+//! reads again. Chunks of two versions are never put together.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,7 +44,44 @@ use aws_sdk_dynamodb::types::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{Change, Expect, Item, Store, StoreError, View, Written};
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem, Update};
+use bytesize::ByteSize;
+
+use super::codec::{self, Codec, Compression, Compressor};
+use super::{Change, Expect, Item, RESERVED_PREFIX, Store, StoreError, View, Written};
+
+/// DynamoDB's item size limit, attribute names included.
+pub const ITEM_MAX: usize = 400 * 1024;
+
+/// The largest value (key and attribute overhead included) chunking writes
+/// atomically: one TransactWriteItems carries at most 4 MiB (and 100
+/// items); 64 KiB of that are left for keys, attribute names and the
+/// deletes of a replaced value's chunks.
+pub const VALUE_MAX: usize = 4 * 1024 * 1024 - 64 * 1024;
+
+/// The attribute holding a head's chunk count (absent: no chunks).
+pub const CHUNKS_ATTRIBUTE: &str = "chunks";
+
+/// Chunk items' keys begin with this (then the index, a space, the key).
+const CHUNK_PREFIX: &[u8] = b"dynacache chunk ";
+
+/// Room left in each item besides the key, its attribute names and numbers,
+/// and the value's bytes: a chunk's longer key, the value map's framing,
+/// the chunk count.
+const PART_SLACK: usize = 128;
+
+/// Values this large are compressed and decompressed on a blocking thread:
+/// a megabyte takes milliseconds, too long to hold a runtime worker.
+const OFFLOAD_MIN: usize = 128 * 1024;
+
+/// Reads of a chunked value that may find a newer write between the head and
+/// its chunks before giving up (each retry means a write just landed).
+const READ_ATTEMPTS: usize = 8;
+
+/// Attempts of a transaction that collides with another one in flight on
+/// the same items (DynamoDB cancels both with `TransactionConflict`).
+const TRANSACT_ATTEMPTS: usize = 4;
 
 /// The type of the table's partition key attribute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +116,13 @@ pub struct DynamoSettings {
     pub operation_timeout: Duration,
     /// Attempts per operation, the first included (the SDK's standard retry).
     pub max_attempts: u32,
+    /// "zstd": values of at least `compression_threshold` are stored
+    /// compressed when that makes them smaller; "off": as they are.
+    pub compression: Compression,
+    /// Values shorter than this are stored as they are.
+    pub compression_threshold: ByteSize,
+    /// zstd's level: 1 (fastest) to 19 (smallest).
+    pub compression_level: i32,
 }
 
 impl Default for DynamoSettings {
@@ -76,6 +141,9 @@ impl Default for DynamoSettings {
             connect_timeout: Duration::from_secs(1),
             operation_timeout: Duration::from_secs(3),
             max_attempts: 3,
+            compression: Compression::Zstd,
+            compression_threshold: ByteSize::kib(1),
+            compression_level: 3,
         }
     }
 }
@@ -115,6 +183,7 @@ pub struct DynamoStore {
     settings: DynamoSettings,
     /// `#k`, `#v`, ... -> the configured attribute names, for expressions.
     names: HashMap<String, String>,
+    compressor: Compressor,
 }
 
 impl DynamoStore {
@@ -170,14 +239,22 @@ impl DynamoStore {
             ("#f", &settings.flags_attribute),
             ("#e", &settings.expiry_attribute),
             ("#r", &settings.version_attribute),
+            ("#n", &CHUNKS_ATTRIBUTE.to_string()),
         ]
         .into_iter()
         .map(|(p, n)| (p.to_string(), n.clone()))
         .collect();
+        let compressor = Compressor {
+            compression: settings.compression,
+            threshold: usize::try_from(settings.compression_threshold.as_u64())
+                .unwrap_or(usize::MAX),
+            level: settings.compression_level,
+        };
         DynamoStore {
             client,
             settings,
             names,
+            compressor,
         }
     }
 
@@ -207,41 +284,215 @@ impl DynamoStore {
         }
     }
 
-    /// An item as DynamoDB holds it; a missing attribute takes its default
-    /// (items other programs wrote may lack flags or a version). Takes the
-    /// attributes by value: the value's bytes move, they are not copied.
-    fn item_from(&self, mut attrs: HashMap<String, AttributeValue>) -> Result<Item, StoreError> {
+    /// An item's head as DynamoDB holds it; a missing attribute takes its
+    /// default (items other programs wrote may lack flags or a version).
+    /// Takes the attributes by value: the value's bytes move, they are not
+    /// copied.
+    fn head_from(&self, mut attrs: HashMap<String, AttributeValue>) -> Result<Head, StoreError> {
         let s = &self.settings;
-        let value = match attrs.remove(&s.value_attribute) {
-            Some(AttributeValue::B(b)) => b.into_inner(),
+        let (codec, bytes) = match attrs.remove(&s.value_attribute) {
+            Some(AttributeValue::B(b)) => (Codec::Raw, b.into_inner()),
             // Tables written by django-dynamodb-sessions hold strings.
-            Some(AttributeValue::S(text)) => text.into_bytes(),
+            Some(AttributeValue::S(text)) => (Codec::Raw, text.into_bytes()),
+            // An encoded value: one entry, named for its codec.
+            Some(AttributeValue::M(map)) if map.len() == 1 => {
+                let (name, bytes) = map.into_iter().next().expect("one entry");
+                match (Codec::from_name(&name), bytes) {
+                    (Some(codec), AttributeValue::B(b)) => (codec, b.into_inner()),
+                    _ => return Err(bad_attr(&s.value_attribute)),
+                }
+            }
             Some(_) => return Err(bad_attr(&s.value_attribute)),
-            None => Vec::new(),
+            None => (Codec::Raw, Vec::new()),
         };
-        Ok(Item {
-            value,
-            flags: number(&attrs, &s.flags_attribute)?.unwrap_or(0),
-            expires_at: expiry(&attrs, &s.expiry_attribute)?,
-            version: number(&attrs, &s.version_attribute)?.unwrap_or(0),
+        Ok(Head {
+            item: Item {
+                value: Vec::new(),
+                flags: number(&attrs, &s.flags_attribute)?.unwrap_or(0),
+                expires_at: expiry(&attrs, &s.expiry_attribute)?,
+                version: number(&attrs, &s.version_attribute)?.unwrap_or(0),
+                chunks: number(&attrs, CHUNKS_ATTRIBUTE)?.unwrap_or(0),
+            },
+            codec,
+            bytes,
         })
     }
 
-    fn item_in(
+    fn head_in(
         &self,
         attrs: Option<HashMap<String, AttributeValue>>,
-    ) -> Result<Option<Item>, StoreError> {
+    ) -> Result<Option<Head>, StoreError> {
         match attrs {
-            Some(attrs) if !attrs.is_empty() => self.item_from(attrs).map(Some),
+            Some(attrs) if !attrs.is_empty() => self.head_from(attrs).map(Some),
             _ => Ok(None),
         }
     }
 
+    /// The whole item `head` begins: its chunks read (one BatchGetItem) if
+    /// it has any. None: they carry another version (a write landed between
+    /// the two reads): read the head again.
+    async fn complete(&self, key: &[u8], head: Head) -> Result<Option<Item>, StoreError> {
+        let Head {
+            mut item,
+            codec,
+            mut bytes,
+        } = head;
+        if item.chunks > 0 {
+            let keys: Vec<Vec<u8>> = (1..=item.chunks).map(|i| chunk_key(key, i)).collect();
+            let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            let found = self.batch_get(&keys).await?;
+            let s = &self.settings;
+            let mut parts = Vec::with_capacity(found.len());
+            for attrs in found {
+                let part = attrs.and_then(|mut attrs| {
+                    let version: Option<u64> = number(&attrs, &s.version_attribute).ok()?;
+                    match attrs.remove(&s.value_attribute) {
+                        Some(AttributeValue::B(b)) if version == Some(item.version) => {
+                            Some(b.into_inner())
+                        }
+                        _ => None,
+                    }
+                });
+                match part {
+                    Some(part) => parts.push(part),
+                    // An expired value's chunks may be gone with their TTL
+                    // before its head: it is gone, whoever asks.
+                    None if item.is_expired(unix_now()) => {
+                        item.expires_at = 1;
+                        return Ok(Some(item));
+                    }
+                    None => return Ok(None),
+                }
+            }
+            bytes.reserve_exact(parts.iter().map(Vec::len).sum());
+            for part in parts {
+                bytes.extend_from_slice(&part);
+            }
+            record_value("read", "chunked");
+        }
+        let stored = bytes.len();
+        item.value = offload(stored, move || codec::decode(codec, bytes, VALUE_MAX))
+            .await
+            .map_err(|e| StoreError::BadItem(e.to_string()))?;
+        record_value_bytes("read", item.value.len(), stored);
+        if codec == Codec::Zstd {
+            record_value("read", "compressed");
+        }
+        Ok(Some(item))
+    }
+
+    /// How `value`, to be written at `key`, is held: compressed if that is
+    /// allowed and worth it (never dynacache's own items, which older
+    /// binaries read too), and split over chunk items if it does not fit one.
+    async fn encode(&self, key: &[u8], value: &[u8]) -> Encoded {
+        let packed = if key.starts_with(RESERVED_PREFIX) || !self.compressor.tries(value.len()) {
+            None
+        } else if value.len() < OFFLOAD_MIN {
+            self.compressor.compress(value)
+        } else {
+            let (compressor, value) = (self.compressor, value.to_vec());
+            offload(value.len(), move || compressor.compress(&value)).await
+        };
+        let (codec, bytes) = match packed {
+            Some(packed) => (Codec::Zstd, packed),
+            None => (Codec::Raw, value.to_vec()),
+        };
+        record_value_bytes("write", value.len(), bytes.len());
+        let map = |bytes: Vec<u8>| {
+            AttributeValue::M(HashMap::from([(
+                codec.name().to_string(),
+                AttributeValue::B(Blob::new(bytes)),
+            )]))
+        };
+        let part = self.part_size(key);
+        if bytes.len() <= part {
+            let head = match codec {
+                Codec::Raw => AttributeValue::B(Blob::new(bytes)),
+                Codec::Zstd => {
+                    record_value("write", "compressed");
+                    map(bytes)
+                }
+            };
+            return Encoded {
+                head,
+                chunks: Vec::new(),
+            };
+        }
+        record_value("write", "chunked");
+        if codec == Codec::Zstd {
+            record_value("write", "compressed");
+        }
+        let mut parts = bytes.chunks(part);
+        let first = parts.next().expect("more than one part").to_vec();
+        Encoded {
+            head: map(first),
+            chunks: parts.map(<[u8]>::to_vec).collect(),
+        }
+    }
+
+    /// Bytes of a value each item holds: the item limit less the key, the
+    /// attribute names and numbers, and [`PART_SLACK`].
+    fn part_size(&self, key: &[u8]) -> usize {
+        ITEM_MAX - key.len() - self.item_overhead() - PART_SLACK
+    }
+
+    /// The attributes of `item`'s head (at `key`), its value attribute `value`.
+    fn head_attrs(
+        &self,
+        key: &[u8],
+        item: &Item,
+        value: AttributeValue,
+        chunks: usize,
+    ) -> Result<HashMap<String, AttributeValue>, StoreError> {
+        let s = &self.settings;
+        let mut attrs = HashMap::from([
+            (s.key_attribute.clone(), self.key_value(key)?),
+            (s.value_attribute.clone(), value),
+            (
+                s.flags_attribute.clone(),
+                AttributeValue::N(item.flags.to_string()),
+            ),
+            (
+                s.version_attribute.clone(),
+                AttributeValue::N(item.version.to_string()),
+            ),
+        ]);
+        if item.expires_at != 0 {
+            attrs.insert(
+                s.expiry_attribute.clone(),
+                AttributeValue::N(item.expires_at.to_string()),
+            );
+        }
+        if chunks > 0 {
+            attrs.insert(
+                CHUNKS_ATTRIBUTE.to_string(),
+                AttributeValue::N(chunks.to_string()),
+            );
+        }
+        Ok(attrs)
+    }
+
+    /// The key attribute of `key`'s chunk `i`.
+    fn chunk_key_value(
+        &self,
+        key: &[u8],
+        i: u8,
+    ) -> Result<HashMap<String, AttributeValue>, StoreError> {
+        Ok(HashMap::from([(
+            self.settings.key_attribute.clone(),
+            self.key_value(&chunk_key(key, i))?,
+        )]))
+    }
+
     /// The condition that the key holds what `expect` says, and its values.
-    fn condition(expect: Expect, view: View) -> (String, Vec<(&'static str, AttributeValue)>) {
+    fn condition(expect: Expect, view: View) -> (String, HashMap<String, AttributeValue>) {
         match expect {
-            Expect::Missing => ("attribute_not_exists(#k)".into(), Vec::new()),
-            Expect::Version { version, live } => {
+            Expect::Missing => ("attribute_not_exists(#k)".into(), HashMap::new()),
+            Expect::Version {
+                version,
+                live,
+                chunks,
+            } => {
                 // An item another program wrote may have no version: it is 0.
                 let mut expr = match version {
                     0 => String::from(
@@ -249,21 +500,184 @@ impl DynamoStore {
                     ),
                     _ => String::from("#r = :ver"),
                 };
-                let mut values = vec![(":ver", AttributeValue::N(version.to_string()))];
+                let mut values =
+                    HashMap::from([(":ver".to_string(), AttributeValue::N(version.to_string()))]);
+                // The chunks the write removes are exactly the head's.
+                match chunks {
+                    0 => expr.push_str(" AND attribute_not_exists(#n)"),
+                    n => {
+                        expr.push_str(" AND #n = :chunks");
+                        values.insert(":chunks".into(), AttributeValue::N(n.to_string()));
+                    }
+                }
                 if live {
                     expr.push_str(" AND (attribute_not_exists(#e) OR #e > :now)");
-                    values.push((":now", AttributeValue::N(view.now.to_string())));
+                    values.insert(":now".into(), AttributeValue::N(view.now.to_string()));
                     if view.flushed_before > 0 {
                         expr.push_str(" AND #r >= :flushed");
-                        values.push((
-                            ":flushed",
+                        values.insert(
+                            ":flushed".into(),
                             AttributeValue::N(view.flushed_before.to_string()),
-                        ));
+                        );
                     }
                 }
                 (expr, values)
             }
         }
+    }
+
+    /// What a write that found the key not as expected tells the engine:
+    /// the item the failed condition returned, whole (a chunked one is read
+    /// again, chunks and all).
+    async fn conflict(
+        &self,
+        key: &[u8],
+        attrs: Option<HashMap<String, AttributeValue>>,
+    ) -> Result<Written, StoreError> {
+        let current = match self.head_in(attrs)? {
+            None => None,
+            Some(head) if head.item.chunks == 0 => self.complete(key, head).await?,
+            Some(_) => self.get(key).await?,
+        };
+        Ok(Written::Conflict(current))
+    }
+
+    /// One TransactWriteItems whose first action is the head's: Ok(None)
+    /// written, Ok(Some(attrs)) the head's condition failed (with what the
+    /// head holds, or nothing). Retried while it collides with another
+    /// transaction in flight on the same items.
+    async fn transact(
+        &self,
+        actions: Vec<TransactWriteItem>,
+    ) -> Result<Option<Option<HashMap<String, AttributeValue>>>, StoreError> {
+        let mut backoff = Duration::from_millis(10);
+        for _ in 0..TRANSACT_ATTEMPTS {
+            let call = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(actions.clone()))
+                .send();
+            let e = match self.send("TransactWriteItems", call).await {
+                Ok(_) => return Ok(None),
+                Err(e) => e,
+            };
+            let reasons = match e.as_service_error() {
+                Some(TransactWriteItemsError::TransactionCanceledException(c)) => {
+                    c.cancellation_reasons()
+                }
+                // The same request (an SDK retry) is still being applied:
+                // whether it lands is unknown.
+                Some(TransactWriteItemsError::TransactionInProgressException(_)) => {
+                    return Err(StoreError::Internal);
+                }
+                _ => return Err(classify(&e)),
+            };
+            let code = |r: &aws_sdk_dynamodb::types::CancellationReason| {
+                r.code().unwrap_or("None").to_string()
+            };
+            let codes: Vec<String> = reasons.iter().map(code).collect();
+            match codes.first().map(String::as_str) {
+                Some("ConditionalCheckFailed") => {
+                    return Ok(Some(reasons[0].item().cloned()));
+                }
+                _ if codes.iter().any(|c| c == "ConditionalCheckFailed") => {
+                    return Err(StoreError::BadItem(
+                        "a chunk of the value does not match its head".into(),
+                    ));
+                }
+                _ if codes.iter().any(|c| c == "TransactionConflict") => {
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                _ if codes.iter().any(|c| c == "ThrottlingError") => {
+                    return Err(StoreError::Throttled);
+                }
+                _ => {
+                    let code = codes.into_iter().find(|c| c != "None");
+                    return Err(StoreError::Rejected(
+                        code.unwrap_or_else(|| "TransactionCanceledException".into())
+                            .chars()
+                            .take(64)
+                            .collect(),
+                    ));
+                }
+            }
+        }
+        Err(StoreError::Contention)
+    }
+
+    /// Reads the items at `keys` (distinct), in that order: BatchGetItem,
+    /// 100 keys a call, unprocessed keys retried with backoff within one
+    /// operation's bound.
+    async fn batch_get(
+        &self,
+        keys: &[&[u8]],
+    ) -> Result<Vec<Option<HashMap<String, AttributeValue>>>, StoreError> {
+        let s = &self.settings;
+        let index: HashMap<&[u8], usize> = keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+        let mut found = vec![None; keys.len()];
+        // Unprocessed keys (DynamoDB's partial answers under load) are retried
+        // with backoff, within the same bound as any one operation.
+        let deadline = Instant::now() + s.operation_timeout;
+        for chunk in keys.chunks(BATCH_GET_MAX) {
+            let mut pending = chunk
+                .iter()
+                .map(|k| {
+                    Ok(HashMap::from([(
+                        s.key_attribute.clone(),
+                        self.key_value(k)?,
+                    )]))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            let mut backoff = Duration::from_millis(20);
+            loop {
+                metrics::histogram!(crate::metrics::DYNAMODB_BATCH_KEYS)
+                    .record(pending.len() as f64);
+                let request = KeysAndAttributes::builder()
+                    .set_keys(Some(pending))
+                    .consistent_read(s.consistent_reads)
+                    .build()
+                    .map_err(|e| StoreError::Rejected(e.to_string()))?;
+                let call = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&s.table, request)
+                    .send();
+                let mut out = self
+                    .send("BatchGetItem", call)
+                    .await
+                    .map_err(|e| classify(&e))?;
+                let items = out
+                    .responses
+                    .take()
+                    .and_then(|mut r| r.remove(&s.table))
+                    .unwrap_or_default();
+                for attrs in items {
+                    let i = match attrs.get(&s.key_attribute) {
+                        Some(AttributeValue::S(k)) => index.get(k.as_bytes()),
+                        Some(AttributeValue::B(k)) => index.get(k.as_ref()),
+                        _ => return Err(bad_attr(&s.key_attribute)),
+                    };
+                    if let Some(&i) = i {
+                        found[i] = Some(attrs);
+                    }
+                }
+                pending = out
+                    .unprocessed_keys()
+                    .and_then(|u| u.get(&s.table))
+                    .map(|k| k.keys().to_vec())
+                    .unwrap_or_default();
+                if pending.is_empty() {
+                    break;
+                }
+                if Instant::now() + backoff > deadline {
+                    return Err(StoreError::Throttled);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+        Ok(found)
     }
 
     /// Runs one SDK call and records its latency and outcome: the one place
@@ -462,6 +876,65 @@ where
     (service.code() == Some("ConditionalCheckFailedException")).then(|| item(service).cloned())
 }
 
+/// A key's item as read, before its value is whole: the item's fields (its
+/// value empty), how its bytes are encoded, and the bytes it holds itself.
+struct Head {
+    item: Item,
+    codec: Codec,
+    bytes: Vec<u8>,
+}
+
+/// A value as it is to be written: the head's value attribute, and the
+/// bytes of each chunk item after it (none: one item holds it all).
+struct Encoded {
+    head: AttributeValue,
+    chunks: Vec<Vec<u8>>,
+}
+
+/// The key of `key`'s chunk `i` (from 1): reserved, so no client can name it.
+fn chunk_key(key: &[u8], i: u8) -> Vec<u8> {
+    let mut chunk = Vec::with_capacity(CHUNK_PREFIX.len() + 4 + key.len());
+    chunk.extend_from_slice(CHUNK_PREFIX);
+    chunk.extend_from_slice(itoa::Buffer::new().format(i).as_bytes());
+    chunk.push(b' ');
+    chunk.extend_from_slice(key);
+    chunk
+}
+
+/// Runs CPU-heavy work on a value of `len` bytes on a blocking thread when
+/// the value is large (see [`OFFLOAD_MIN`]), else here.
+async fn offload<T: Send + 'static>(len: usize, work: impl FnOnce() -> T + Send + 'static) -> T {
+    if len < OFFLOAD_MIN {
+        return work();
+    }
+    match tokio::task::spawn_blocking(work).await {
+        Ok(done) => done,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// Unix seconds now (the engine's clock, read the same way).
+fn unix_now() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+}
+
+/// Counts a value read or written (`direction`) that was `form`
+/// ("compressed", "chunked").
+fn record_value(direction: &'static str, form: &'static str) {
+    metrics::counter!(crate::metrics::STORE_VALUES, "direction" => direction, "form" => form)
+        .increment(1);
+}
+
+/// Counts a value's bytes as the client sees them and as the table holds them.
+fn record_value_bytes(direction: &'static str, plain: usize, stored: usize) {
+    metrics::counter!(crate::metrics::STORE_VALUE_BYTES, "direction" => direction, "form" => "plain")
+        .increment(plain as u64);
+    metrics::counter!(crate::metrics::STORE_VALUE_BYTES, "direction" => direction, "form" => "stored")
+        .increment(stored as u64);
+}
+
 impl Store for DynamoStore {
     fn check_key(&self, key: &[u8]) -> Result<(), StoreError> {
         match self.settings.key_type {
@@ -491,83 +964,42 @@ impl Store for DynamoStore {
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Item>, StoreError> {
-        let call = self
-            .client
-            .get_item()
-            .table_name(&self.settings.table)
-            .key(&self.settings.key_attribute, self.key_value(key)?)
-            .consistent_read(self.settings.consistent_reads)
-            .send();
-        match self.send("GetItem", call).await {
-            Ok(out) => self.item_in(out.item),
-            Err(e) => Err(classify(&e)),
+        for _ in 0..READ_ATTEMPTS {
+            let call = self
+                .client
+                .get_item()
+                .table_name(&self.settings.table)
+                .key(&self.settings.key_attribute, self.key_value(key)?)
+                .consistent_read(self.settings.consistent_reads)
+                .send();
+            let attrs = match self.send("GetItem", call).await {
+                Ok(out) => out.item,
+                Err(e) => return Err(classify(&e)),
+            };
+            let Some(head) = self.head_in(attrs)? else {
+                return Ok(None);
+            };
+            if let Some(item) = self.complete(key, head).await? {
+                return Ok(Some(item));
+            }
         }
+        Err(StoreError::Contention)
     }
 
     async fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Item>>, StoreError> {
-        let s = &self.settings;
-        let index: HashMap<&[u8], usize> = keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
-        let mut items = vec![None; keys.len()];
-        // Unprocessed keys (DynamoDB's partial answers under load) are retried
-        // with backoff, within the same bound as any one operation.
-        let deadline = Instant::now() + s.operation_timeout;
-        for chunk in keys.chunks(BATCH_GET_MAX) {
-            let mut pending = chunk
-                .iter()
-                .map(|k| {
-                    Ok(HashMap::from([(
-                        s.key_attribute.clone(),
-                        self.key_value(k)?,
-                    )]))
-                })
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            let mut backoff = Duration::from_millis(20);
-            loop {
-                metrics::histogram!(crate::metrics::DYNAMODB_BATCH_KEYS)
-                    .record(pending.len() as f64);
-                let request = KeysAndAttributes::builder()
-                    .set_keys(Some(pending))
-                    .consistent_read(s.consistent_reads)
-                    .build()
-                    .map_err(|e| StoreError::Rejected(e.to_string()))?;
-                let call = self
-                    .client
-                    .batch_get_item()
-                    .request_items(&s.table, request)
-                    .send();
-                let mut out = self
-                    .send("BatchGetItem", call)
-                    .await
-                    .map_err(|e| classify(&e))?;
-                let found = out
-                    .responses
-                    .take()
-                    .and_then(|mut r| r.remove(&s.table))
-                    .unwrap_or_default();
-                for attrs in found {
-                    let i = match attrs.get(&s.key_attribute) {
-                        Some(AttributeValue::S(k)) => index.get(k.as_bytes()),
-                        Some(AttributeValue::B(k)) => index.get(k.as_ref()),
-                        _ => return Err(bad_attr(&s.key_attribute)),
-                    };
-                    if let Some(&i) = i {
-                        items[i] = self.item_in(Some(attrs))?;
-                    }
-                }
-                pending = out
-                    .unprocessed_keys()
-                    .and_then(|u| u.get(&s.table))
-                    .map(|k| k.keys().to_vec())
-                    .unwrap_or_default();
-                if pending.is_empty() {
-                    break;
-                }
-                if Instant::now() + backoff > deadline {
-                    return Err(StoreError::Throttled);
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
+        let found = self.batch_get(keys).await?;
+        let mut items = Vec::with_capacity(keys.len());
+        for (key, attrs) in keys.iter().zip(found) {
+            let item = match self.head_in(attrs)? {
+                None => None,
+                // A chunked value's chunks are read for it alone, and if a
+                // write moved it on meanwhile, the whole item again.
+                Some(head) => match self.complete(key, head).await? {
+                    Some(item) => Some(item),
+                    None => self.get(key).await?,
+                },
+            };
+            items.push(item);
         }
         Ok(items)
     }
@@ -581,46 +1013,94 @@ impl Store for DynamoStore {
     ) -> Result<Written, StoreError> {
         let s = &self.settings;
         let (condition, values) = Self::condition(expect, view);
-        let returned = match change {
+        let old_chunks = match expect {
+            Expect::Missing => 0,
+            Expect::Version { chunks, .. } => chunks,
+        };
+        match change {
             Change::Put(item) => {
-                let mut req = self
-                    .client
-                    .put_item()
-                    .table_name(&s.table)
-                    .item(&s.key_attribute, self.key_value(key)?)
-                    .item(
-                        &s.value_attribute,
-                        AttributeValue::B(Blob::new(item.value.clone())),
-                    )
-                    .item(
-                        &s.flags_attribute,
-                        AttributeValue::N(item.flags.to_string()),
-                    )
-                    .item(
-                        &s.version_attribute,
+                let encoded = self.encode(key, &item.value).await;
+                let chunks = u8::try_from(encoded.chunks.len())
+                    .map_err(|_| StoreError::Rejected("value too large to store".into()))?;
+                let head = self.head_attrs(key, item, encoded.head, encoded.chunks.len())?;
+                if chunks == 0 && old_chunks == 0 {
+                    let req = self
+                        .client
+                        .put_item()
+                        .table_name(&s.table)
+                        .set_item(Some(head))
+                        .condition_expression(&condition)
+                        .set_expression_attribute_names(Some(self.names_for(&condition)))
+                        .set_expression_attribute_values(Some(values).filter(|v| !v.is_empty()))
+                        .return_values_on_condition_check_failure(
+                            ReturnValuesOnConditionCheckFailure::AllOld,
+                        );
+                    return match self.send("PutItem", req.send()).await {
+                        Ok(_) => Ok(Written::Done { chunks }),
+                        Err(e) => match conflict_item(&e, |e| match e {
+                            PutItemError::ConditionalCheckFailedException(c) => c.item(),
+                            _ => None,
+                        }) {
+                            Some(attrs) => self.conflict(key, attrs).await,
+                            None => Err(classify(&e)),
+                        },
+                    };
+                }
+                // The head, its new chunks, and deletes of the old chunks
+                // the new value leaves behind: all or nothing.
+                let mut actions = vec![
+                    TransactWriteItem::builder()
+                        .put(
+                            Put::builder()
+                                .table_name(&s.table)
+                                .set_item(Some(head))
+                                .condition_expression(&condition)
+                                .set_expression_attribute_names(Some(self.names_for(&condition)))
+                                .set_expression_attribute_values(
+                                    Some(values).filter(|v| !v.is_empty()),
+                                )
+                                .return_values_on_condition_check_failure(
+                                    ReturnValuesOnConditionCheckFailure::AllOld,
+                                )
+                                .build()
+                                .map_err(|e| StoreError::Rejected(e.to_string()))?,
+                        )
+                        .build(),
+                ];
+                for (i, part) in (1..).zip(encoded.chunks) {
+                    let mut attrs = self.chunk_key_value(key, i)?;
+                    attrs.insert(
+                        s.value_attribute.clone(),
+                        AttributeValue::B(Blob::new(part)),
+                    );
+                    attrs.insert(
+                        s.version_attribute.clone(),
                         AttributeValue::N(item.version.to_string()),
-                    )
-                    .condition_expression(&condition)
-                    .set_expression_attribute_names(Some(self.names_for(&condition)))
-                    .return_values_on_condition_check_failure(
-                        ReturnValuesOnConditionCheckFailure::AllOld,
                     );
-                if item.expires_at != 0 {
-                    req = req.item(
-                        &s.expiry_attribute,
-                        AttributeValue::N(item.expires_at.to_string()),
-                    );
+                    if item.expires_at != 0 {
+                        attrs.insert(
+                            s.expiry_attribute.clone(),
+                            AttributeValue::N(item.expires_at.to_string()),
+                        );
+                    }
+                    let put = Put::builder()
+                        .table_name(&s.table)
+                        .set_item(Some(attrs))
+                        .build()
+                        .map_err(|e| StoreError::Rejected(e.to_string()))?;
+                    actions.push(TransactWriteItem::builder().put(put).build());
                 }
-                for (name, value) in values {
-                    req = req.expression_attribute_values(name, value);
+                for i in chunks.saturating_add(1)..=old_chunks {
+                    let delete = Delete::builder()
+                        .table_name(&s.table)
+                        .set_key(Some(self.chunk_key_value(key, i)?))
+                        .build()
+                        .map_err(|e| StoreError::Rejected(e.to_string()))?;
+                    actions.push(TransactWriteItem::builder().delete(delete).build());
                 }
-                match self.send("PutItem", req.send()).await {
-                    Ok(_) => return Ok(Written::Done),
-                    Err(e) => conflict_item(&e, |e| match e {
-                        PutItemError::ConditionalCheckFailedException(c) => c.item(),
-                        _ => None,
-                    })
-                    .ok_or_else(|| classify(&e))?,
+                match self.transact(actions).await? {
+                    None => Ok(Written::Done { chunks }),
+                    Some(attrs) => self.conflict(key, attrs).await,
                 }
             }
             Change::Retime {
@@ -631,40 +1111,87 @@ impl Store for DynamoStore {
                     0 => "SET #r = :new REMOVE #e",
                     _ => "SET #r = :new, #e = :exp",
                 };
-                let mut req = self
-                    .client
-                    .update_item()
-                    .table_name(&s.table)
-                    .key(&s.key_attribute, self.key_value(key)?)
-                    .update_expression(update)
-                    .condition_expression(&condition)
-                    .set_expression_attribute_names(Some(
-                        self.names_for(&format!("{update} {condition}")),
-                    ))
-                    .expression_attribute_values(":new", AttributeValue::N(version.to_string()))
-                    .return_values_on_condition_check_failure(
-                        ReturnValuesOnConditionCheckFailure::AllOld,
-                    );
+                let mut values = values;
+                values.insert(":new".into(), AttributeValue::N(version.to_string()));
                 if expires_at != 0 {
-                    req = req.expression_attribute_values(
-                        ":exp",
-                        AttributeValue::N(expires_at.to_string()),
-                    );
+                    values.insert(":exp".into(), AttributeValue::N(expires_at.to_string()));
                 }
-                for (name, value) in values {
-                    req = req.expression_attribute_values(name, value);
+                let names = self.names_for(&format!("{update} {condition}"));
+                if old_chunks == 0 {
+                    let req = self
+                        .client
+                        .update_item()
+                        .table_name(&s.table)
+                        .key(&s.key_attribute, self.key_value(key)?)
+                        .update_expression(update)
+                        .condition_expression(&condition)
+                        .set_expression_attribute_names(Some(names))
+                        .set_expression_attribute_values(Some(values))
+                        .return_values_on_condition_check_failure(
+                            ReturnValuesOnConditionCheckFailure::AllOld,
+                        );
+                    return match self.send("UpdateItem", req.send()).await {
+                        Ok(_) => Ok(Written::Done { chunks: 0 }),
+                        Err(e) => match conflict_item(&e, |e| match e {
+                            UpdateItemError::ConditionalCheckFailedException(c) => c.item(),
+                            _ => None,
+                        }) {
+                            Some(attrs) => self.conflict(key, attrs).await,
+                            None => Err(classify(&e)),
+                        },
+                    };
                 }
-                match self.send("UpdateItem", req.send()).await {
-                    Ok(_) => return Ok(Written::Done),
-                    Err(e) => conflict_item(&e, |e| match e {
-                        UpdateItemError::ConditionalCheckFailedException(c) => c.item(),
-                        _ => None,
-                    })
-                    .ok_or_else(|| classify(&e))?,
+                // The head and every chunk take the new version and expiry
+                // together (the chunks' TTL must not end before the head's).
+                let old = match expect {
+                    Expect::Version { version, .. } => version,
+                    Expect::Missing => unreachable!("a chunked item was expected"),
+                };
+                let mut actions = vec![
+                    TransactWriteItem::builder()
+                        .update(
+                            Update::builder()
+                                .table_name(&s.table)
+                                .key(&s.key_attribute, self.key_value(key)?)
+                                .update_expression(update)
+                                .condition_expression(&condition)
+                                .set_expression_attribute_names(Some(names))
+                                .set_expression_attribute_values(Some(values))
+                                .return_values_on_condition_check_failure(
+                                    ReturnValuesOnConditionCheckFailure::AllOld,
+                                )
+                                .build()
+                                .map_err(|e| StoreError::Rejected(e.to_string()))?,
+                        )
+                        .build(),
+                ];
+                let chunk_condition = "#r = :old";
+                let mut chunk_values = HashMap::from([
+                    (":old".to_string(), AttributeValue::N(old.to_string())),
+                    (":new".to_string(), AttributeValue::N(version.to_string())),
+                ]);
+                if expires_at != 0 {
+                    chunk_values.insert(":exp".into(), AttributeValue::N(expires_at.to_string()));
+                }
+                let chunk_names = self.names_for(&format!("{update} {chunk_condition}"));
+                for i in 1..=old_chunks {
+                    let update = Update::builder()
+                        .table_name(&s.table)
+                        .set_key(Some(self.chunk_key_value(key, i)?))
+                        .update_expression(update)
+                        .condition_expression(chunk_condition)
+                        .set_expression_attribute_names(Some(chunk_names.clone()))
+                        .set_expression_attribute_values(Some(chunk_values.clone()))
+                        .build()
+                        .map_err(|e| StoreError::Rejected(e.to_string()))?;
+                    actions.push(TransactWriteItem::builder().update(update).build());
+                }
+                match self.transact(actions).await? {
+                    None => Ok(Written::Done { chunks: old_chunks }),
+                    Some(attrs) => self.conflict(key, attrs).await,
                 }
             }
-        };
-        Ok(Written::Conflict(self.item_in(returned)?))
+        }
     }
 
     async fn ready(&self) -> Result<(), String> {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::{Change, Expect, Item, Store, StoreError, View, Written};
 
@@ -36,6 +36,10 @@ pub struct MemoryStore {
     /// While set, another writer changes an item just before every write
     /// that expects a version of it, so those writes always lose the race.
     interfering: AtomicBool,
+    /// Values longer than this are held as if split over several items
+    /// (as [`super::DynamoStore`] splits them), each write checking the
+    /// count it expects; 0 = never.
+    chunk_size: AtomicUsize,
 }
 
 impl MemoryStore {
@@ -106,7 +110,8 @@ impl MemoryStore {
         {
             item.version += 1;
         }
-        Ok(apply(&mut items, key, change, expect, view))
+        let chunk_size = self.chunk_size.load(Ordering::SeqCst);
+        Ok(apply(&mut items, key, change, expect, view, chunk_size))
     }
 
     /// Makes every later write time out without being applied.
@@ -119,6 +124,7 @@ impl MemoryStore {
     pub fn land_late(&self) -> Vec<Written> {
         let late = std::mem::take(&mut *self.late.lock().unwrap());
         let mut items = self.items.lock().unwrap();
+        let chunk_size = self.chunk_size.load(Ordering::SeqCst);
         late.into_iter()
             .map(|w| {
                 let change = match &w.put {
@@ -128,9 +134,15 @@ impl MemoryStore {
                         version: w.retime.1,
                     },
                 };
-                apply(&mut items, &w.key, change, w.expect, w.view)
+                apply(&mut items, &w.key, change, w.expect, w.view, chunk_size)
             })
             .collect()
+    }
+
+    /// Holds values as if split into items of `bytes` (0: never), so that a
+    /// write naming the wrong number of them is refused, as DynamoDB refuses it.
+    pub fn set_chunk_size(&self, bytes: usize) {
+        self.chunk_size.store(bytes, Ordering::SeqCst);
     }
 
     /// Makes every version-conditioned write lose to a simulated other writer.
@@ -208,23 +220,40 @@ fn apply(
     change: Change<'_>,
     expect: Expect,
     view: View,
+    chunk_size: usize,
 ) -> Written {
     {
         let current = items.get(key);
         let holds = match (expect, current) {
             (Expect::Missing, None) => true,
-            (Expect::Version { version, live }, Some(item)) => {
-                item.version == version && (!live || item.is_live(view))
-            }
+            (
+                Expect::Version {
+                    version,
+                    live,
+                    chunks,
+                },
+                Some(item),
+            ) => item.version == version && item.chunks == chunks && (!live || item.is_live(view)),
             _ => false,
         };
         if !holds {
             return Written::Conflict(current.cloned());
         }
     }
-    match change {
+    let chunks = match change {
         Change::Put(item) => {
-            items.insert(key.to_vec(), item.clone());
+            let chunks = match chunk_size {
+                0 => 0,
+                size => u8::try_from(item.value.len().saturating_sub(1) / size).unwrap_or(u8::MAX),
+            };
+            items.insert(
+                key.to_vec(),
+                Item {
+                    chunks,
+                    ..item.clone()
+                },
+            );
+            chunks
         }
         Change::Retime {
             expires_at,
@@ -233,7 +262,8 @@ fn apply(
             let item = items.get_mut(key).expect("a version was expected");
             item.expires_at = expires_at;
             item.version = version;
+            item.chunks
         }
-    }
-    Written::Done
+    };
+    Written::Done { chunks }
 }

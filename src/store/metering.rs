@@ -14,6 +14,9 @@ use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_dynamodb::operation::batch_get_item::{BatchGetItemInput, BatchGetItemOutput};
 use aws_sdk_dynamodb::operation::get_item::{GetItemInput, GetItemOutput};
 use aws_sdk_dynamodb::operation::put_item::{PutItemInput, PutItemOutput};
+use aws_sdk_dynamodb::operation::transact_write_items::{
+    TransactWriteItemsInput, TransactWriteItemsOutput,
+};
 use aws_sdk_dynamodb::operation::update_item::{UpdateItemInput, UpdateItemOutput};
 use aws_sdk_dynamodb::types::{ConsumedCapacity, ReturnConsumedCapacity};
 use aws_smithy_runtime_api::box_error::BoxError;
@@ -75,6 +78,8 @@ fn ask_for_capacity(input: &mut Input) {
         &mut i.return_consumed_capacity
     } else if let Some(i) = input.downcast_mut::<BatchGetItemInput>() {
         &mut i.return_consumed_capacity
+    } else if let Some(i) = input.downcast_mut::<TransactWriteItemsInput>() {
+        &mut i.return_consumed_capacity
     } else {
         return;
     };
@@ -92,6 +97,9 @@ fn consumed(output: &Output) -> Option<f64> {
         one(&o.consumed_capacity)
     } else if let Some(o) = output.downcast_ref::<BatchGetItemOutput>() {
         // One entry per table.
+        let all = o.consumed_capacity.as_ref()?;
+        Some(all.iter().filter_map(|c| c.capacity_units).sum())
+    } else if let Some(o) = output.downcast_ref::<TransactWriteItemsOutput>() {
         let all = o.consumed_capacity.as_ref()?;
         Some(all.iter().filter_map(|c| c.capacity_units).sum())
     } else {

@@ -9,6 +9,7 @@
 //! be checked against the state it replaces, so a write answered long ago
 //! (a timeout whose request lands late) can never overwrite a newer one.
 
+pub mod codec;
 mod dynamo;
 mod memory;
 mod metering;
@@ -16,7 +17,11 @@ mod outage;
 
 use std::future::Future;
 
-pub use dynamo::{DynamoSettings, DynamoStore, KeyType, TableBilling, TableSettings};
+pub use codec::Compression;
+pub use dynamo::{
+    CHUNKS_ATTRIBUTE, DynamoSettings, DynamoStore, ITEM_MAX, KeyType, TableBilling, TableSettings,
+    VALUE_MAX,
+};
 pub use memory::MemoryStore;
 
 // The item type the store, the cache and the engine share.
@@ -33,8 +38,13 @@ pub const RESERVED_PREFIX: &[u8] = b"dynacache ";
 pub enum Expect {
     /// No item at all (never written, or its tombstone swept by TTL).
     Missing,
-    /// The item of this version (a live one if `live`, under the write's view).
-    Version { version: u64, live: bool },
+    /// The item of this version (a live one if `live`, under the write's
+    /// view), held over `1 + chunks` items ([`Item::chunks`]).
+    Version {
+        version: u64,
+        live: bool,
+        chunks: u8,
+    },
 }
 
 impl Expect {
@@ -45,6 +55,7 @@ impl Expect {
             Some(item) => Expect::Version {
                 version: item.version,
                 live: item.is_live(view),
+                chunks: item.chunks,
             },
         }
     }
@@ -72,7 +83,9 @@ impl Change<'_> {
 /// How a conditional write ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Written {
-    Done,
+    /// Written, over `1 + chunks` items (what [`Item::chunks`] of the
+    /// written item is from now on).
+    Done { chunks: u8 },
     /// The key did not hold what was expected; this is what it holds (as
     /// it is: expired items and tombstones included), read in the same
     /// round trip.

@@ -9,6 +9,7 @@
 //! stops it when done. Tests that stop DynamoDB always use a private one.
 #![allow(dead_code)]
 
+pub mod corpus;
 pub mod exposition;
 pub mod proxy;
 
@@ -315,8 +316,19 @@ impl McClient {
         self.reply().await
     }
 
+    /// Sends `request` and reads one whole reply, as bytes (binary values).
+    pub async fn call_bytes(&mut self, request: &[u8]) -> Vec<u8> {
+        self.send(request).await;
+        self.reply_bytes().await
+    }
+
     /// Reads one whole reply: a status line, or VALUE blocks up to END.
     pub async fn reply(&mut self) -> String {
+        String::from_utf8_lossy(&self.reply_bytes().await).into_owned()
+    }
+
+    /// [`McClient::reply`], as bytes.
+    pub async fn reply_bytes(&mut self) -> Vec<u8> {
         let mut reply = Vec::new();
         loop {
             let line = self.line().await;
@@ -348,7 +360,7 @@ impl McClient {
                     continue;
                 }
             }
-            return String::from_utf8_lossy(&reply).into_owned();
+            return reply;
         }
     }
 

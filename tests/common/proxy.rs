@@ -1,6 +1,7 @@
 //! A loopback TCP proxy between dynacache and DynamoDB Local that injects
 //! faults and counts DynamoDB calls by operation (from each request's
-//! `X-Amz-Target` header), so tests can assert what reached DynamoDB.
+//! `X-Amz-Target` header) and the capacity units DynamoDB answered that they
+//! consumed, so tests can assert what reached DynamoDB and what it cost.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,6 +48,8 @@ struct Shared {
     late_delivered: AtomicU64,
     release_requests: Notify,
     calls: Mutex<HashMap<String, u64>>,
+    /// `ConsumedCapacity` units in the answers, by operation.
+    capacity: Mutex<HashMap<String, f64>>,
 }
 
 pub struct FaultProxy {
@@ -76,6 +79,7 @@ impl FaultProxy {
             late_delivered: AtomicU64::new(0),
             release_requests: Notify::new(),
             calls: Mutex::new(HashMap::new()),
+            capacity: Mutex::new(HashMap::new()),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -162,6 +166,18 @@ impl FaultProxy {
             .get(operation)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Capacity units DynamoDB reported consuming for `operation` so far
+    /// (dynacache asks for `ReturnConsumedCapacity=TOTAL` on every call).
+    pub fn capacity(&self, operation: &str) -> f64 {
+        self.shared
+            .capacity
+            .lock()
+            .unwrap()
+            .get(operation)
+            .copied()
+            .unwrap_or(0.0)
     }
 
     /// Waits (bounded) until `operation` has been called at least `n` times.
@@ -280,11 +296,28 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
         let shared = shared.clone();
         async move {
             let mut buf = vec![0u8; 64 * 1024];
+            // The end of the previous read, so a number split between two
+            // reads is still found.
+            let mut tail: Vec<u8> = Vec::new();
             loop {
                 let n = match up_rd.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
+                let mut window = std::mem::take(&mut tail);
+                let seen = window.len();
+                window.extend_from_slice(&buf[..n]);
+                // Numbers that end in what was seen before were counted then.
+                let units: f64 = capacity_units(&window)
+                    .into_iter()
+                    .filter(|(end, _)| *end > seen)
+                    .map(|(_, units)| units)
+                    .sum();
+                if units > 0.0 {
+                    let op = last_op.lock().unwrap().clone();
+                    *shared.capacity.lock().unwrap().entry(op).or_default() += units;
+                }
+                tail = window[window.len().saturating_sub(64)..].to_vec();
                 let hold = {
                     let op = last_op.lock().unwrap();
                     shared.hold_op.lock().unwrap().as_deref() == Some(op.as_str())
@@ -355,6 +388,31 @@ async fn deliver_late(request: Vec<u8>, shared: Arc<Shared>) {
         let _ = tokio::time::timeout(Duration::from_secs(10), upstream.read(&mut answer)).await;
     }
     shared.late_delivered.fetch_add(1, Ordering::SeqCst);
+}
+
+/// The numbers after `"CapacityUnits":` in a piece of DynamoDB's JSON, with
+/// where each ends; one cut by the end of the piece is left out.
+fn capacity_units(bytes: &[u8]) -> Vec<(usize, f64)> {
+    const KEY: &[u8] = b"\"CapacityUnits\":";
+    let mut found = Vec::new();
+    let mut at = 0;
+    while let Some(i) = bytes[at..].windows(KEY.len()).position(|w| w == KEY) {
+        let start = at + i + KEY.len();
+        let len = bytes[start..]
+            .iter()
+            .position(|b| !(b.is_ascii_digit() || *b == b'.'))
+            .unwrap_or(bytes.len() - start);
+        let end = start + len;
+        if end < bytes.len()
+            && let Some(units) = std::str::from_utf8(&bytes[start..end])
+                .ok()
+                .and_then(|n| n.parse().ok())
+        {
+            found.push((end, units));
+        }
+        at = end;
+    }
+    found
 }
 
 /// The DynamoDB operation named in a request's `X-Amz-Target` header, if
