@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # test.sh: install what the tests need, then run every test.
 #
-# Installs Java 17 and DynamoDB Local (scripts/dynamodb-local.sh install) and
-# Debian's memcached (the reference for conformance tests),
+# Installs Java 17 and DynamoDB Local (scripts/dynamodb-local.sh install),
+# Debian's memcached (the reference for conformance tests) and prometheus
+# (promtool and a real Prometheus, for tests/monitoring.rs),
 # starts one DynamoDB Local on a free loopback port for the whole run (tests
 # share it, each on its own table; fault tests start private ones), runs
 # formatting and lint checks and the whole test suite, and stops DynamoDB
@@ -19,6 +20,18 @@ if ! command -v memcached >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get install -y -qq memcached >/dev/null 2>&1 ||
     { apt-get update -qq >/dev/null && apt-get install -y -qq memcached >/dev/null; }
+fi
+
+# Debian's prometheus (promtool and prometheus): tests/monitoring.rs checks the
+# rules and dashboard of examples/monitoring and scrapes a real dynacache with
+# a Prometheus of its own (own port, config and data dir). Where a service
+# manager started the packaged one, stop it: nothing may hold 9090.
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  echo "test: apt-get install prometheus"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 ||
+    { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+  if [ -d /run/systemd/system ]; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
 fi
 
 # The Rust toolchain comes with the machine (rustup); fmt and clippy are its components.
