@@ -458,6 +458,7 @@ async fn compression_cuts_the_write_units_dynamodb_bills() {
     let html = corpus::html(100_000, 11);
     let plain = write_units(&off, &proxy, "page-plain", &html).await;
     let packed = write_units(&zstd, &proxy, "page-packed", &html).await;
+    println!("100 KB of HTML: {plain} write units plain, {packed} compressed");
     assert!(plain >= 98.0, "100 KB uncompressed: {plain} units");
     assert!(
         packed * 3.0 <= plain,
@@ -467,6 +468,7 @@ async fn compression_cuts_the_write_units_dynamodb_bills() {
     let noise = corpus::random(100_000, 12);
     let plain = write_units(&off, &proxy, "noise-plain", &noise).await;
     let packed = write_units(&zstd, &proxy, "noise-packed", &noise).await;
+    println!("100 KB incompressible: {plain} write units plain, {packed} with compression on");
     assert!(packed <= plain + 1.0, "{packed} against {plain}");
     let item = table_item(&db.client(), &settings, "noise-packed")
         .await
@@ -491,4 +493,89 @@ async fn compression_cuts_the_write_units_dynamodb_bills() {
     )
     .await;
     assert!(zstd.stop().await && off.stop().await);
+}
+
+/// Read-modify-writes on a chunked value from two sidecars: every append
+/// lands exactly once (each is one conditional write of the whole value),
+/// and the meta commands work on it as on any value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_and_meta_commands_on_chunked_values_stay_atomic() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let a = TestServer::start(settings.clone()).await;
+    let b = TestServer::start(settings.clone()).await;
+    let base = corpus::random(500_000, 21);
+    let mut c = a.client().await;
+    assert_eq!(
+        c.call(&storage("set", "log", 0, 0, &base, None)).await,
+        "STORED\r\n"
+    );
+    assert_eq!(head_chunks(&db, &settings, "log").await, 1);
+    let mut tasks = Vec::new();
+    for (side, server) in [("a", &a), ("b", &b)] {
+        let mut c = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..6 {
+                let tag = format!("|{side}{i}");
+                let reply = c
+                    .call(&storage("append", "log", 0, 0, tag.as_bytes(), None))
+                    .await;
+                assert_eq!(reply, "STORED\r\n", "{tag}");
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(WAIT, t).await.unwrap().unwrap();
+    }
+    // Read from DynamoDB (a cold sidecar): the base, then all 12 tags once each.
+    let cold = TestServer::start(settings.clone()).await;
+    let reply = cold.client().await.call_bytes(b"get log\r\n").await;
+    let head_end = reply.windows(2).position(|w| w == b"\r\n").unwrap();
+    let data = &reply[head_end + 2..reply.len() - 7];
+    assert!(data.starts_with(&base), "the base is kept whole");
+    let tail = String::from_utf8(data[base.len()..].to_vec()).unwrap();
+    let mut tags: Vec<&str> = tail.split('|').filter(|t| !t.is_empty()).collect();
+    tags.sort();
+    let mut expected: Vec<String> = ["a", "b"]
+        .iter()
+        .flat_map(|side| (0..6).map(move |i| format!("{side}{i}")))
+        .collect();
+    expected.sort();
+    assert_eq!(tags, expected, "every append once: {tail}");
+
+    // Meta commands on a value over three items.
+    let value = corpus::random(MB, 22);
+    let mut ms = format!("ms meta {} F5 T0\r\n", value.len()).into_bytes();
+    ms.extend_from_slice(&value);
+    ms.extend_from_slice(b"\r\n");
+    assert_eq!(c.call(&ms).await, "HD\r\n");
+    assert_eq!(head_chunks(&db, &settings, "meta").await, 2);
+    let mut cb = cold.client().await;
+    let reply = cb.call_bytes(b"mg meta v f c s\r\n").await;
+    let head_end = reply.windows(2).position(|w| w == b"\r\n").unwrap();
+    let head = String::from_utf8(reply[..head_end].to_vec()).unwrap();
+    assert!(head.starts_with(&format!("VA {MB} f5 c")), "{head}");
+    assert!(head.ends_with(&format!(" s{MB}")), "{head}");
+    assert!(&reply[head_end + 2..reply.len() - 2] == value.as_slice());
+    let cas: u64 = head
+        .split(' ')
+        .find_map(|f| f.strip_prefix('c'))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // A delete conditioned on an old cas is refused; on the current one, done.
+    assert_eq!(
+        cb.call(format!("md meta C{}\r\n", cas - 1).as_bytes())
+            .await,
+        "EX\r\n"
+    );
+    assert_eq!(
+        cb.call(format!("md meta C{cas}\r\n").as_bytes()).await,
+        "HD\r\n"
+    );
+    assert_eq!(cb.call(b"mg meta v\r\n").await, "EN\r\n");
+    assert!(chunks_of(&db, &settings, "meta").await.is_empty());
+    for server in [a, b, cold] {
+        assert!(server.stop().await);
+    }
 }

@@ -3,10 +3,13 @@
 //! item, or a head and chunk items) and marks in the item which codec
 //! wrote them, so a reader always knows.
 //!
-//! zstd was chosen by measurement (BENCHMARKS.md, section 7: pickled
-//! sessions, HTML, JSON and incompressible bytes): at level 3 it stores
-//! HTML and JSON in a fifth to a tenth of their size, where lz4 keeps a
-//! third, for a few milliseconds of CPU per megabyte either way.
+//! zstd at level 3 was chosen by measurement (BENCHMARKS.md, section 7:
+//! pickled sessions, HTML, JSON and incompressible bytes): HTML 9-10 times
+//! smaller, JSON 4.2, pickled sessions 2.6 (2 KB) to 5.5 (1 MB), for about
+//! 1-2 ms of CPU per MB compressed and 0.3-0.5 ms decompressed. lz4 keeps
+//! 1.6-1.7 times more bytes (and write units) of HTML and JSON; deflate is
+//! as small but compresses 8-10 times slower; level 9 saves 5-10% more bytes
+//! for 4-7 times the CPU.
 
 use serde::{Deserialize, Serialize};
 
@@ -70,13 +73,49 @@ impl Compressor {
         if !self.tries(value.len()) {
             return None;
         }
-        let mut packed = zstd::bulk::compress(value, self.level).ok()?;
+        let mut packed = CONTEXTS
+            .with_borrow_mut(|c| {
+                let compressor = c.compressor()?;
+                compressor.set_compression_level(self.level)?;
+                compressor.compress(value)
+            })
+            .ok()?;
         if packed.len() >= value.len() {
             return None;
         }
         packed.shrink_to_fit();
         Some(packed)
     }
+}
+
+/// zstd's contexts, one of each per thread, made on first use and kept: a
+/// context costs more to set up than a small value takes to compress: a
+/// 2 KB session compresses in 7 µs with a kept context, 15 µs with a new one,
+/// and decompresses in 3 µs against 11 (BENCHMARKS.md, section 7).
+#[derive(Default)]
+struct Contexts {
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl Contexts {
+    fn compressor(&mut self) -> std::io::Result<&mut zstd::bulk::Compressor<'static>> {
+        if self.compressor.is_none() {
+            self.compressor = Some(zstd::bulk::Compressor::new(0)?);
+        }
+        Ok(self.compressor.as_mut().expect("just made"))
+    }
+
+    fn decompressor(&mut self) -> std::io::Result<&mut zstd::bulk::Decompressor<'static>> {
+        if self.decompressor.is_none() {
+            self.decompressor = Some(zstd::bulk::Decompressor::new()?);
+        }
+        Ok(self.decompressor.as_mut().expect("just made"))
+    }
+}
+
+thread_local! {
+    static CONTEXTS: std::cell::RefCell<Contexts> = std::cell::RefCell::new(Contexts::default());
 }
 
 /// Why stored bytes could not be read back.
@@ -103,8 +142,9 @@ pub fn decode(codec: Codec, bytes: Vec<u8>, max: usize) -> Result<Vec<u8>, Decod
             if size > max as u64 {
                 return Err(DecodeError::TooLarge(size));
             }
-            let value =
-                zstd::bulk::decompress(&bytes, size as usize).map_err(|_| DecodeError::Corrupt)?;
+            let value = CONTEXTS
+                .with_borrow_mut(|c| c.decompressor()?.decompress(&bytes, size as usize))
+                .map_err(|_| DecodeError::Corrupt)?;
             if value.len() as u64 != size {
                 return Err(DecodeError::Corrupt);
             }

@@ -527,8 +527,8 @@ impl DynamoStore {
     }
 
     /// What a write that found the key not as expected tells the engine:
-    /// the item the failed condition returned, whole (a chunked one is read
-    /// again, chunks and all).
+    /// the item the failed condition returned, whole (a chunked one with its
+    /// chunks read, or read again whole if they moved on meanwhile).
     async fn conflict(
         &self,
         key: &[u8],
@@ -536,8 +536,10 @@ impl DynamoStore {
     ) -> Result<Written, StoreError> {
         let current = match self.head_in(attrs)? {
             None => None,
-            Some(head) if head.item.chunks == 0 => self.complete(key, head).await?,
-            Some(_) => self.get(key).await?,
+            Some(head) => match self.complete(key, head).await? {
+                Some(item) => Some(item),
+                None => self.get(key).await?,
+            },
         };
         Ok(Written::Conflict(current))
     }
