@@ -13,7 +13,9 @@
 # --workloads REGEX (only the hit/miss workloads whose name matches),
 # --peers "1 2 4" (fleet: peer counts to measure besides fleet mode off),
 # --threads N (server threads, default 1), --no-pin, --out DIR (results; default
-# a temporary directory, printed at the end).
+# a temporary directory, printed at the end), --dynacache BIN (run this
+# dynacache binary instead of building one: an older commit's, for a
+# before/after comparison in the same conditions).
 #
 # What it does: installs Debian's memcached if missing; starts its own
 # DynamoDB Local, memcached and dynacache on free loopback ports (never on a
@@ -35,6 +37,7 @@ PIN=1
 OUT=""
 WORKLOADS_RE="."
 PEERS="0 1 2 4"
+DYNACACHE_BIN=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --long) ROUNDS=5 DURATION=20 ;;
@@ -46,7 +49,8 @@ while [ $# -gt 0 ]; do
     --peers) PEERS="$2"; shift ;;
     --no-pin) PIN=0 ;;
     --out) OUT="$2"; shift ;;
-    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+    --dynacache) DYNACACHE_BIN="$2"; shift ;;
+    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "bench: unknown option $1" >&2; exit 64 ;;
   esac
   shift
@@ -109,7 +113,8 @@ cargo build --release --locked --bin dynacache >&2
 LOADGEN="$(cargo bench --locked --no-run --bench loadgen --message-format=json 2>/dev/null |
   sed -n 's/.*"executable":"\([^"]*loadgen[^"]*\)".*/\1/p' | tail -n1)"
 [ -x "$LOADGEN" ] || { log "cannot find the loadgen executable"; exit 1; }
-DYNACACHE="$PWD/target/release/dynacache"
+DYNACACHE="${DYNACACHE_BIN:-$PWD/target/release/dynacache}"
+[ -x "$DYNACACHE" ] || { log "no dynacache executable at $DYNACACHE"; exit 1; }
 
 NPROC="$(nproc)"
 if [ "$PIN" = 1 ] && [ "$NPROC" -ge 2 ]; then

@@ -965,6 +965,97 @@ async fn metrics_count_from_start_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_tell_what_compression_and_chunks_do() {
+    let db = DynamoLocal::shared().await;
+    let (mut server, _settings, dir) = serve_with_a_config_file(&db).await;
+    let mut c = McClient::connect(server.addr()).await;
+    let set = |key: &str, value: &[u8]| {
+        let mut req = format!("set {key} 0 0 {}\r\n", value.len()).into_bytes();
+        req.extend_from_slice(value);
+        req.extend_from_slice(b"\r\n");
+        req
+    };
+    // A page that compresses into one item; bytes that do not, over three.
+    let page = common::corpus::html(100_000, 1);
+    let noise = common::corpus::random(1_000_000, 2);
+    assert_eq!(c.call(&set("page", &page)).await, "STORED\r\n");
+    assert_eq!(c.call(&set("noise", &noise)).await, "STORED\r\n");
+    let e = exposition(server.metrics_port);
+    let bytes = |direction: &str, form: &str| {
+        e.get(
+            "dynacache_store_value_bytes_total",
+            &[("direction", direction), ("form", form)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(bytes("write", "plain"), 1_100_000.0, "{:?}", e.samples);
+    let stored = bytes("write", "stored");
+    assert!(
+        stored > 1_000_000.0 && stored < 1_020_000.0,
+        "the page stored in about a ninth: {stored}"
+    );
+    let values = |direction: &str, form: &str| {
+        e.get(
+            "dynacache_store_values_total",
+            &[("direction", direction), ("form", form)],
+        )
+    };
+    assert_eq!(values("write", "compressed"), Some(1.0));
+    assert_eq!(values("write", "chunked"), Some(1.0));
+    let units = "dynacache_dynamodb_call_capacity_units";
+    assert_eq!(e.types.get(units).map(String::as_str), Some("histogram"));
+    assert_eq!(
+        e.get(
+            &format!("{units}_count"),
+            &[("operation", "TransactWriteItems")]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        e.get(
+            "dynacache_dynamodb_consumed_write_capacity_units_total",
+            &[("operation", "TransactWriteItems")]
+        )
+        .is_some_and(|u| u > 0.0)
+    );
+    // Read back by a restarted sidecar: decompressed, and assembled from chunks.
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    let config = dir.path().join("dynacache.toml");
+    let again = serve(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--endpoint-url",
+        &db.endpoint,
+    ]);
+    let mut c = McClient::connect(again.addr()).await;
+    let mut expected = format!("VALUE noise 0 {}\r\n", noise.len()).into_bytes();
+    expected.extend_from_slice(&noise);
+    expected.extend_from_slice(b"\r\nEND\r\n");
+    assert!(c.call_bytes(b"get noise\r\n").await == expected);
+    let mut expected = format!("VALUE page 0 {}\r\n", page.len()).into_bytes();
+    expected.extend_from_slice(&page);
+    expected.extend_from_slice(b"\r\nEND\r\n");
+    assert!(c.call_bytes(b"get page\r\n").await == expected);
+    let e = exposition(again.metrics_port);
+    let read = |form: &str| {
+        e.get(
+            "dynacache_store_value_bytes_total",
+            &[("direction", "read"), ("form", form)],
+        )
+    };
+    assert_eq!(read("plain"), Some(1_100_000.0));
+    assert!(read("stored").is_some_and(|b| b < 1_020_000.0));
+    assert_eq!(
+        e.get(
+            "dynacache_store_values_total",
+            &[("direction", "read"), ("form", "chunked")]
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stops_cleanly_on_sigterm() {
     let db = DynamoLocal::shared().await;
     let (mut server, _settings, _dir) = serve_with_a_config_file(&db).await;
