@@ -3,6 +3,7 @@
 //!
 //! - `GET /metrics`: the Prometheus text exposition.
 //! - `GET /healthz`: 200 while the process answers at all (liveness).
+//! - `GET /hotkeys`: the keys read and written most (JSON).
 //! - `GET /readyz`: 200 when clients can be served: the memcached listeners
 //!   are up (not starting, not shutting down) and the store answers
 //!   ([`Store::ready`]: DynamoDB's DescribeTable on the configured table);
@@ -157,6 +158,15 @@ async fn respond<S: Store>(admin: &Admin<S>, req: Request<Incoming>) -> Response
             response
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/hotkeys" => {
+            let mut response = Response::new(Full::new(Bytes::from(hot_keys_json(
+                admin.engine.hot_keys(),
+            ))));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
         "/readyz" => match admin.ready().await {
             Ok(()) => text(StatusCode::OK, "ready\n"),
             Err(reason) => text(
@@ -169,6 +179,28 @@ async fn respond<S: Store>(admin: &Admin<S>, req: Request<Incoming>) -> Response
             "not found: /metrics, /healthz and /readyz are served here\n",
         ),
     }
+}
+
+/// `/hotkeys`: the keys read and written most, as JSON, keys escaped
+/// ([`crate::hotkeys::printable`]).
+fn hot_keys_json(hot: &crate::hotkeys::HotKeys) -> String {
+    let list = |top: Vec<crate::hotkeys::HotKey>| -> Vec<serde_json::Value> {
+        top.into_iter()
+            .map(|h| {
+                serde_json::json!({
+                    "key": crate::hotkeys::printable(&h.key),
+                    "count": h.count,
+                    "error": h.error,
+                })
+            })
+            .collect()
+    };
+    let body = serde_json::json!({
+        "reads": list(hot.top_reads()),
+        "writes": list(hot.top_writes()),
+        "read_sample": crate::hotkeys::READ_SAMPLE,
+    });
+    format!("{body}\n")
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

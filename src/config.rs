@@ -30,6 +30,10 @@ pub const CACHE_SHARDS_MAX: usize = 65536;
 /// cache-wide LRU order, and every item above the share goes uncached.
 pub const SHARD_SHARE_MIN: u64 = 64 * 1024;
 
+/// Most `hot_keys`: each tracked key takes a 270-byte slot per direction,
+/// and each new key seen scans them for the smallest count.
+pub const HOT_KEYS_MAX: usize = 1024;
+
 /// File descriptors kept beside client connections, within the process's
 /// open-file limit: DynamoDB's HTTP connection pool, the listeners, the
 /// metrics listener and its scrapes, and log or standard files.
@@ -92,6 +96,9 @@ pub struct Config {
     /// connection whose replies need more waits for others' to drain.
     #[serde(with = "byte_size")]
     pub reply_memory_limit: ByteSize,
+    /// Keys tracked as the most read and the most written, each (`stats
+    /// hotkeys`, `/hotkeys`); 0 = none. At most [`HOT_KEYS_MAX`].
+    pub hot_keys: usize,
     /// "text" (human-readable) or "json" logs.
     pub log_format: LogFormat,
     pub dynamodb: DynamoSettings,
@@ -175,6 +182,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
             reply_memory_limit: ByteSize::mib(64),
+            hot_keys: 32,
             log_format: LogFormat::Text,
             dynamodb: DynamoSettings::default(),
             table: TableSettings::default(),
@@ -496,6 +504,12 @@ impl Config {
         }
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.hot_keys > HOT_KEYS_MAX {
+            return Err(invalid(
+                "hot_keys",
+                format!("must be at most {HOT_KEYS_MAX}; 0 turns it off"),
+            ));
         }
         // Every connection is a file descriptor, and the process needs some
         // of its own (RESERVED_FILES). The hard limit is the most the

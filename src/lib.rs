@@ -13,6 +13,7 @@ pub mod config;
 pub mod connection;
 pub mod engine;
 pub mod fleet;
+pub mod hotkeys;
 pub mod item;
 pub mod listener;
 pub mod metrics;

@@ -123,6 +123,7 @@ async fn serve<S: Store>(
         flush_enabled: config.flush_enabled,
         settings_report: settings_report(config),
         item_size_max: limits.item_size_max,
+        hot_keys: config.hot_keys,
     };
     let engine = Arc::new(Engine::with_options(cache, store, options));
     // Fleet mode: join before serving (writes wait until joined).

@@ -198,6 +198,23 @@ impl<S: Store> Engine<S> {
                 Reply::Ok.encode(out);
                 return Outcome::Ok;
             }
+            StatsGroup::HotKeys => {
+                // As `stats items` numbers its classes: by rank, most first;
+                // keys escaped so nothing a client wrote can break the reply.
+                for (direction, top) in [
+                    ("read", self.hot.top_reads()),
+                    ("write", self.hot.top_writes()),
+                ] {
+                    for (rank, hot) in (1..).zip(top) {
+                        stat(
+                            &format!("{direction}:{rank}:key"),
+                            &crate::hotkeys::printable(&hot.key),
+                        );
+                        stat(&format!("{direction}:{rank}:count"), &hot.count);
+                        stat(&format!("{direction}:{rank}:error"), &hot.error);
+                    }
+                }
+            }
             StatsGroup::Conns | StatsGroup::Detail { dump: true } | StatsGroup::Cachedump => {}
         }
         Reply::End.encode(out);

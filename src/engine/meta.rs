@@ -47,7 +47,7 @@ impl<S: Store> Engine<S> {
         let mut found = match flags.ttl {
             Some(ttl) => {
                 self.counters.record(Event::CmdTouch);
-                self.counters.record(Event::CmdGet);
+                self.count_read(key);
                 let op = Op::Touch {
                     expires_at: expiry(ttl, view.now),
                 };
@@ -63,7 +63,7 @@ impl<S: Store> Engine<S> {
                 }
             }
             None => {
-                self.counters.record(Event::CmdGet);
+                self.count_read(key);
                 // A hit is answered from the cache in place, as `get`'s are.
                 let now_ms = self.now_ms();
                 let lookup = self

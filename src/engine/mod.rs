@@ -35,6 +35,7 @@ use tokio::sync::Notify;
 
 use crate::cache::ItemCache;
 use crate::fleet::{Fleet, LocalCache};
+use crate::hotkeys::HotKeys;
 use crate::metrics::{CommandKind, Counters, Event, Outcome};
 use crate::output::Output;
 use crate::protocol::{Command, Reply, StoreMode};
@@ -77,6 +78,9 @@ pub struct EngineOptions {
     /// The largest item (key, value and store overhead), for bounding what
     /// a multi-get reads ahead.
     pub item_size_max: usize,
+    /// Keys tracked as the most read and the most written (`stats hotkeys`,
+    /// `/hotkeys`); 0 = none.
+    pub hot_keys: usize,
 }
 
 /// The shortest period between two reads of the `flush_all` marker: one
@@ -104,6 +108,7 @@ impl Default for EngineOptions {
             flush_enabled: true,
             settings_report: Vec::new(),
             item_size_max: 1024 * 1024,
+            hot_keys: 32,
         }
     }
 }
@@ -116,6 +121,7 @@ pub struct Engine<S> {
     options: EngineOptions,
     versions: VersionClock,
     counters: Counters,
+    hot: HotKeys,
     /// Store reads in flight, by key: later misses of the key wait for them.
     reads: DashMap<Box<[u8]>, Arc<Flight>>,
     writes: KeyLocks,
@@ -144,6 +150,7 @@ impl<S: Store> Engine<S> {
             cache,
             store: Arc::new(store),
             fleet: std::sync::OnceLock::new(),
+            hot: HotKeys::new(options.hot_keys),
             options,
             versions: VersionClock::new(),
             counters: Counters::new(),
@@ -177,6 +184,17 @@ impl<S: Store> Engine<S> {
     /// The fleet, in fleet mode.
     pub fn fleet(&self) -> Option<&Arc<Fleet<S>>> {
         self.fleet.get()
+    }
+
+    /// The keys read and written most (`stats hotkeys`, `/hotkeys`).
+    pub fn hot_keys(&self) -> &HotKeys {
+        &self.hot
+    }
+
+    /// One key asked for by a retrieval: counted for `stats` and hot keys.
+    fn count_read(&self, key: &[u8]) {
+        self.counters.record(Event::CmdGet);
+        self.hot.read(key);
     }
 
     /// The coherence epoch (fleet mode), captured when a read or write

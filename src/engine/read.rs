@@ -44,7 +44,7 @@ impl<S: Store> Engine<S> {
         // until the first key that needs the store.
         let mut pending = None;
         for key in rest.by_ref() {
-            self.counters.record(Event::CmdGet);
+            self.count_read(key);
             let lookup = self
                 .hit_in_place(key, view, now_ms, out, |entry, buf| {
                     let (flags, version) = (entry.flags(), entry.version());
@@ -75,7 +75,7 @@ impl<S: Store> Engine<S> {
             while lookups.len() < window
                 && let Some(key) = rest.next()
             {
-                self.counters.record(Event::CmdGet);
+                self.count_read(key);
                 let lookup = self.fresh(key, view, now_ms);
                 lookups.push((key, lookup));
             }
@@ -175,7 +175,7 @@ impl<S: Store> Engine<S> {
     /// One key through the get path (cache, `max_local_age`, coalesced
     /// store read, stale copy on a failed re-read if allowed): `mg`, `me`.
     pub(super) async fn lookup(&self, key: &[u8], view: View) -> Result<Option<Item>, StoreError> {
-        self.counters.record(Event::CmdGet);
+        self.count_read(key);
         let lookup = self.fresh(key, view, self.now_ms());
         self.finish_lookup(key, view, lookup).await
     }
@@ -473,7 +473,7 @@ impl<S: Store> Engine<S> {
         };
         for key in keys.iter() {
             self.counters.record(Event::CmdTouch);
-            self.counters.record(Event::CmdGet);
+            self.count_read(key);
             match self.write(key, op, view).await {
                 Ok(Done::Written(item)) => {
                     self.counters.record(Event::GetHits);

@@ -161,6 +161,7 @@ impl<S: Store> Engine<S> {
         // The flush marker is the one reserved key written here.
         if !matches!(op, Op::Flush { .. }) {
             self.check_key(key)?;
+            self.hot.write(key);
         }
         // Fleet mode: a member that could not acknowledge does not write.
         let fleet = self.fleet.get();

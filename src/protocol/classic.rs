@@ -254,6 +254,7 @@ pub(super) fn stats<'a>(mut tokens: Tokens<'a>, line_len: usize) -> Parsed<'a> {
             }
         },
         Some(b"cachedump") => StatsGroup::Cachedump,
+        Some(b"hotkeys") => StatsGroup::HotKeys,
         Some(_) => return invalid(Reply::Error, line_len, false),
     };
     Parsed::Request(Command::Stats(group), line_len)

@@ -55,6 +55,8 @@ pub enum StatsGroup {
     },
     /// `stats cachedump <slab> <limit>`.
     Cachedump,
+    /// `stats hotkeys`: dynacache's own, the keys read and written most.
+    HotKeys,
 }
 
 /// One request, as the client sent it.
