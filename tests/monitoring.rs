@@ -564,6 +564,8 @@ impl Sidecar {
             &peer_addr,
             "--fleet-advertise",
             &peer_addr,
+            "--item-size-max",
+            "1MiB",
         ])
         .args(extra)
         .env("DYNACACHE_FLEET_SECRET", SECRET)
@@ -833,6 +835,32 @@ async fn a_real_prometheus_scrapes_dynacache_and_the_rules_agree_with_the_traffi
         let set = format!("set k{k} 0 0 2\r\nv{k}\r\n");
         assert_eq!(c.call(set.as_bytes()).await, "STORED\r\n");
     }
+    // A value stored compressed and one stored in chunks (random bytes, more
+    // than one item holds), read back by b from DynamoDB.
+    let compressible = "dynacache ".repeat(820).into_bytes();
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let random: Vec<u8> = (0..500_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    for (key, value) in [("compressed", &compressible), ("chunked", &random)] {
+        let mut set = format!("set {key} 0 0 {}\r\n", value.len()).into_bytes();
+        set.extend_from_slice(value);
+        set.extend_from_slice(b"\r\n");
+        assert_eq!(c.call(&set).await, "STORED\r\n", "{key}");
+        let mut cb = b.client().await;
+        let reply = cb.call(format!("get {key}\r\n").as_bytes()).await;
+        let head = format!("VALUE {key} 0 {}\r\n", value.len());
+        assert!(
+            reply.starts_with(&head) && reply.ends_with("\r\nEND\r\n"),
+            "{key}: {}",
+            reply.chars().take(80).collect::<String>()
+        );
+    }
     for k in 0..10 {
         let get = format!("get k{k}\r\n");
         assert_eq!(
@@ -881,18 +909,24 @@ async fn a_real_prometheus_scrapes_dynacache_and_the_rules_agree_with_the_traffi
         a.metric("dynacache_cache_misses_total").await - misses0,
         a.metric("dynacache_fleet_reads_through_total").await - through0,
     );
+    // Three hits to one miss, but for any get a read through to DynamoDB
+    // while a lacked b's lease (a miss; none, unless the machine stalls a
+    // lease renewal).
+    let (sent_hits, sent_misses) = (3.0 * rounds as f64, rounds as f64);
     assert_eq!(
-        through, 0.0,
-        "a stayed coherent, so its hits came from memory"
+        hits + misses,
+        sent_hits + sent_misses,
+        "every key asked for counted once"
     );
-    assert_eq!(
-        (hits, misses),
-        (3.0 * rounds as f64, rounds as f64),
-        "a counted the traffic as sent"
+    assert!(
+        hits <= sent_hits && hits >= sent_hits - through,
+        "{hits} hits, {misses} misses, {through} reads through in {rounds} rounds"
     );
+    let expected = hits / (hits + misses);
 
     // Once Prometheus holds a's final counters, and a rule evaluation came
-    // after that scrape, the recording rule is the traffic's ratio: 3/4.
+    // after that scrape, the recording rule is the traffic's ratio: 3/4
+    // (if a stayed coherent, as it does unless stalled).
     let final_hits = hits0 + hits;
     let scraped = format!("dynacache_cache_hits_total{{{}}}", at(&a));
     prometheus.wait_for(&scraped, final_hits).await;
@@ -905,9 +939,12 @@ async fn a_real_prometheus_scrapes_dynacache_and_the_rules_agree_with_the_traffi
     }
     let ratio = prometheus.one(&ratio_rule).await;
     assert!(
-        (ratio - 0.75).abs() < 0.005,
-        "{ratio_rule} = {ratio}, the traffic's hit ratio is 0.75 ({hits} hits, {misses} misses)"
+        (ratio - expected).abs() < 0.005,
+        "{ratio_rule} = {ratio}, the traffic's hit ratio is {expected} ({hits} hits, {misses} misses)"
     );
+    if through == 0.0 {
+        assert_eq!(expected, 0.75);
+    }
     // A strongly consistent read of an item of less than 4 KB is one RCU: a's
     // read capacity per second is its GetItem calls per second.
     let rcu = prometheus

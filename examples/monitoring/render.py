@@ -113,6 +113,7 @@ def formatter(unit):
         "percentunit": lambda v: f"{v * 100:.3g}%" if not math.isnan(v) else "-",
         "s": seconds,
         "bytes": bytes_,
+        "Bps": lambda v: bytes_(v) + "/s" if not math.isnan(v) else "-",
         "reqps": lambda v: si(v, " req/s"),
         "ops": lambda v: si(v, " ops/s"),
     }.get(unit, lambda v: si(v))
@@ -232,10 +233,10 @@ def render(prometheus, dashboard_path, start, end, step, out, rate_interval, tit
     unit = 0.36  # inches per grid row
     fig = plt.figure(figsize=(24 * 0.95, height * unit + 0.9), facecolor=BACKGROUND)
     top = 1 - 0.9 / (height * unit + 0.9)
-    grid = GridSpec(height, 24, figure=fig, left=0.035, right=0.995, top=top, bottom=0.01,
+    grid = GridSpec(height, 24, figure=fig, left=0.005, right=0.995, top=top, bottom=0.01,
                     hspace=0.0, wspace=0.0)
     span = f"{datetime.fromtimestamp(start, timezone.utc):%Y-%m-%d %H:%M}-{datetime.fromtimestamp(end, timezone.utc):%H:%M} UTC"
-    fig.text(0.035, 1 - 0.35 / (height * unit + 0.9), f"{title}   {span}", color=TEXT, fontsize=15,
+    fig.text(0.01, 1 - 0.35 / (height * unit + 0.9), f"{title}   {span}", color=TEXT, fontsize=15,
              fontweight="bold", va="center")
     if marks:
         legend_text = "   ".join(f"shaded: {label}" if i == 0 else label for i, (_, _, label) in enumerate(marks))
@@ -270,12 +271,13 @@ def render(prometheus, dashboard_path, start, end, step, out, rate_interval, tit
         # Inset so panels do not touch: shrink the axes inside their cell.
         box = ax.get_position()
         legend_room = 0 if panel["type"] == "stat" else 0.33
-        pad_x = 0.012
+        # Graphs keep room on the left for their y labels.
+        pad_left = 0.004 if panel["type"] == "stat" else 0.038
         cell_h = box.height
         ax.set_position([
-            box.x0 + pad_x * 0.5,
+            box.x0 + pad_left,
             box.y0 + cell_h * legend_room,
-            box.width - pad_x,
+            box.width - pad_left - 0.006,
             cell_h * (1 - legend_room) - 0.012,
         ])
     fig.savefig(out, dpi=90, facecolor=BACKGROUND)

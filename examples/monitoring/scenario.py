@@ -8,7 +8,9 @@ cache and 48 connections at most), and
 a Prometheus of its own (scrape and rule evaluation every 5 s, the rules of
 dynacache.rules.yml). Then 14 minutes of memcached traffic from 6 client
 threads (2 per sidecar: gets of 2,000 keys with a skewed popularity, gets of
-keys never written, sets, some with a 15 s TTL, multi-gets, adds, deletes),
+keys never written, sets, some with a 15 s TTL, 5-50 KB text values that are
+stored compressed, 450 KB random ones stored in chunks, multi-gets, adds,
+deletes),
 and three faults:
 
   4:00-5:00   DynamoDB Local stopped (SIGSTOP): calls time out
@@ -132,6 +134,21 @@ def value(n):
     return "".join(random.choices(string.ascii_letters, k=n)).encode()
 
 
+WORDS = ("session user cart item price total id token expires page view "
+         "locale en de fr true false null count last seen").split()
+
+
+def text(n):
+    """About n bytes of JSON-like text: zstd makes it a fraction."""
+    out = []
+    size = 0
+    while size < n:
+        word = random.choice(WORDS)
+        out.append(f'"{word}": {random.randint(0, 999)}')
+        size += len(out[-1]) + 2
+    return ("{" + ", ".join(out) + "}").encode()
+
+
 def key():
     return f"k{random.choices(range(KEYS), cum_weights=CUM)[0]}"
 
@@ -142,18 +159,29 @@ def traffic(port, stop, rate):
     next_at = time.time()
     while not stop.is_set():
         r = random.random()
-        if r < 0.72:
+        if r < 0.70:
             c.call(f"get {key()}\r\n".encode())
-        elif r < 0.82:
+        elif r < 0.80:
             c.call(f"get never-{random.getrandbits(48):x}\r\n".encode())
-        elif r < 0.94:
+        elif r < 0.91:
             v = value(random.randint(100, 1500))
             ttl = 15 if random.random() < 0.2 else 0
             c.call(f"set {key()} 0 {ttl} {len(v)}\r\n".encode() + v + b"\r\n")
-        elif r < 0.97:
+        elif r < 0.93:
+            # Compressed: 5-50 KB of text.
+            v = text(random.randint(5000, 50000))
+            c.call(f"set m{random.randrange(200)} 0 0 {len(v)}\r\n".encode() + v + b"\r\n")
+        elif r < 0.9315:
+            # Chunked: 450 KB that does not compress, more than one item holds.
+            v = os.urandom(450 * 1024)
+            c.call(f"set huge{random.randrange(10)} 0 0 {len(v)}\r\n".encode() + v + b"\r\n")
+        elif r < 0.955:
+            big = f"m{random.randrange(200)}" if random.random() < 0.9 else f"huge{random.randrange(10)}"
+            c.call(f"get {big}\r\n".encode())
+        elif r < 0.975:
             keys = " ".join([key(), key(), key(), f"never-{n}-1", f"never-{n}-2"])
             c.call(f"get {keys}\r\n".encode())
-        elif r < 0.985:
+        elif r < 0.9875:
             c.call(f"add {key()} 0 0 1\r\nx\r\n".encode())
         else:
             c.call(f"delete {key()}\r\n".encode())
@@ -223,7 +251,7 @@ def main():
         ):
             port, metrics = free_port(), free_port()
             cmd = [args.bin, "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{metrics}",
-                   "--table", table, "--endpoint-url", endpoint]
+                   "--table", table, "--endpoint-url", endpoint, "--item-size-max", "1MiB"]
             env = dict(ENV)
             if extra == ["fleet"]:
                 peer = f"127.0.0.1:{free_port()}"
