@@ -14,8 +14,10 @@
 # --peers "1 2 4" (fleet: peer counts to measure besides fleet mode off),
 # --threads N (server threads, default 1), --no-pin, --out DIR (results; default
 # a temporary directory, printed at the end), --dynacache BIN (run this
-# dynacache binary instead of building one: an older commit's, for a
-# before/after comparison in the same conditions).
+# dynacache binary instead of the one built here), --against BIN (hit and
+# miss/write runs also alternate with this dynacache binary, an older
+# commit's, tagged server=before: a before/after comparison in the same
+# run, reported against it too).
 #
 # What it does: installs Debian's memcached if missing; starts its own
 # DynamoDB Local, memcached and dynacache on free loopback ports (never on a
@@ -38,6 +40,7 @@ OUT=""
 WORKLOADS_RE="."
 PEERS="0 1 2 4"
 DYNACACHE_BIN=""
+AGAINST=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --long) ROUNDS=5 DURATION=20 ;;
@@ -50,7 +53,8 @@ while [ $# -gt 0 ]; do
     --no-pin) PIN=0 ;;
     --out) OUT="$2"; shift ;;
     --dynacache) DYNACACHE_BIN="$2"; shift ;;
-    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+    --against) AGAINST="$2"; shift ;;
+    -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "bench: unknown option $1" >&2; exit 64 ;;
   esac
   shift
@@ -115,6 +119,7 @@ LOADGEN="$(cargo bench --locked --no-run --bench loadgen --message-format=json 2
 [ -x "$LOADGEN" ] || { log "cannot find the loadgen executable"; exit 1; }
 DYNACACHE="${DYNACACHE_BIN:-$PWD/target/release/dynacache}"
 [ -x "$DYNACACHE" ] || { log "no dynacache executable at $DYNACACHE"; exit 1; }
+[ -z "$AGAINST" ] || [ -x "$AGAINST" ] || { log "no dynacache executable at $AGAINST"; exit 1; }
 
 NPROC="$(nproc)"
 if [ "$PIN" = 1 ] && [ "$NPROC" -ge 2 ]; then
@@ -168,12 +173,20 @@ max_connections = 4096
 table = "$table"
 endpoint_url = "$ENDPOINT"
 EOF
-  "$DYNACACHE" --config "$config" init-table >&2
-  TOKIO_WORKER_THREADS="$THREADS" "${pin[@]}" "$DYNACACHE" --config "$config" 2>"$OUT/$name.log" &
+  local bin="${DC_BIN:-$DYNACACHE}"
+  "$bin" --config "$config" init-table >&2
+  TOKIO_WORKER_THREADS="$THREADS" "${pin[@]}" "$bin" --config "$config" 2>"$OUT/$name.log" &
   DC_PID=$!
   PIDS+=("$DC_PID")
   wait_listening "$DC_PID" "$DC_PORT"
-  log "dynacache pid $DC_PID on 127.0.0.1:$DC_PORT (worker threads $THREADS, $mem, max_local_age $age, table $table)"
+  log "dynacache pid $DC_PID on 127.0.0.1:$DC_PORT ($bin, worker threads $THREADS, $mem, max_local_age $age, table $table)"
+}
+
+# With --against: the same, from the older binary, as BEFORE_PORT and BEFORE_PID.
+start_before() {
+  [ -n "$AGAINST" ] || return 0
+  DC_BIN="$AGAINST" start_dynacache "$@"
+  BEFORE_PORT="$DC_PORT" BEFORE_PID="$DC_PID" BEFORE_METRICS="$DC_METRICS"
 }
 
 stop_pid() {
@@ -196,11 +209,19 @@ if want hit; then
   init_table hits
   loadgen_free ddb-fill --endpoint "$ENDPOINT" --table hits "${SPACE[@]}" >&2
   start_memcached
+  start_before hits 0s "${MEMORY_MB}MiB" before-hits
   start_dynacache hits 0s "${MEMORY_MB}MiB" dynacache-hits
   loadgen mc --addr "127.0.0.1:$MC_PORT" "${SPACE[@]}" --warm set --warm-only >&2
   loadgen mc --addr "127.0.0.1:$DC_PORT" "${SPACE[@]}" --warm get --warm-only >&2
   declare -A ADDR=([memcached]="127.0.0.1:$MC_PORT" [dynacache]="127.0.0.1:$DC_PORT")
   declare -A PID=([memcached]="$MC_PID" [dynacache]="$DC_PID")
+  HIT_SERVERS=(memcached dynacache)
+  if [ -n "$AGAINST" ]; then
+    loadgen mc --addr "127.0.0.1:$BEFORE_PORT" "${SPACE[@]}" --warm get --warm-only >&2
+    ADDR[before]="127.0.0.1:$BEFORE_PORT"
+    PID[before]="$BEFORE_PID"
+    HIT_SERVERS+=(before)
+  fi
   WORKLOADS=(
     "hit-get-50conn|--connections 50"
     "get90-set10-50conn|--connections 50 --set-ratio 0.1"
@@ -214,8 +235,11 @@ if want hit; then
       name="${w%%|*}"
       [[ "$name" =~ $WORKLOADS_RE ]] || continue
       read -r -a wargs <<<"${w#*|}"
-      # Alternate which server goes first, so neither always follows the other.
-      if [ $((round % 2)) = 1 ]; then order=(memcached dynacache); else order=(dynacache memcached); fi
+      # Alternate the order, so no server always follows the same one.
+      order=("${HIT_SERVERS[@]}")
+      if [ $((round % 2)) = 0 ]; then
+        order=(); for ((i = ${#HIT_SERVERS[@]} - 1; i >= 0; i--)); do order+=("${HIT_SERVERS[$i]}"); done
+      fi
       for server in "${order[@]}"; do
         log "round $round/$ROUNDS $name on $server"
         loadgen mc --addr "${ADDR[$server]}" "${SPACE[@]}" "${wargs[@]}" "${TIMING[@]}" \
@@ -227,6 +251,7 @@ if want hit; then
   log "dynacache cache after the hit runs: items $(metric "$DC_METRICS" dynacache_cache_items), hits $(metric "$DC_METRICS" dynacache_cache_hits_total), misses $(metric "$DC_METRICS" dynacache_cache_misses_total)"
   stop_pid "$DC_PID"
   stop_pid "$MC_PID"
+  [ -z "$AGAINST" ] || stop_pid "$BEFORE_PID"
 fi
 
 # ---------------------------------------------------------------- miss and write paths
@@ -275,6 +300,7 @@ if want miss; then
     fi
     # max_local_age 1ms: every get of a cached key re-reads it (a consistent
     # GetItem that finds the item, then fills the cache), as a miss does.
+    start_before misses 1ms "${MEMORY_MB}MiB" "before-misses-$distance"
     start_dynacache misses 1ms "${MEMORY_MB}MiB" "dynacache-misses-$distance"
     MISS_WORKLOADS=(
       "getitem-found|mc --addr 127.0.0.1:$DC_PORT|ddb --op get"
@@ -289,10 +315,18 @@ if want miss; then
           [[ "$name" =~ $WORKLOADS_RE ]] || continue
           read -r -a dc_args <<<"$via_dc"
           read -r -a sdk_args <<<"$via_sdk"
-          if [ $((round % 2)) = 1 ]; then order=(sdk dynacache); else order=(dynacache sdk); fi
+          sides=(sdk dynacache)
+          [ -z "$AGAINST" ] || sides+=(before)
+          order=("${sides[@]}")
+          if [ $((round % 2)) = 0 ]; then
+            order=(); for ((i = ${#sides[@]} - 1; i >= 0; i--)); do order+=("${sides[$i]}"); done
+          fi
           for side in "${order[@]}"; do
             log "round $round/$ROUNDS $name via $side"
-            if [ "$side" = sdk ]; then
+            if [ "$side" = before ]; then
+              loadgen_free "${dc_args[@]/$DC_PORT/$BEFORE_PORT}" --connections "$conc" "${SPACE[@]}" "${TIMING[@]}" \
+                --server-pid "$BEFORE_PID" --tag "workload=$name" --tag server=before --tag "round=$round" | tee -a "$RESULTS"
+            elif [ "$side" = sdk ]; then
               loadgen_free "${sdk_args[@]}" --endpoint "$ENDPOINT" --table misses --connections "$conc" \
                 "${SPACE[@]}" "${TIMING[@]}" --tag "workload=$name" --tag server=sdk --tag "round=$round" | tee -a "$RESULTS"
             else
@@ -305,6 +339,7 @@ if want miss; then
     done
     log "dynacache after the $distance miss runs: revalidations $(metric "$DC_METRICS" dynacache_cache_revalidations_total), misses $(metric "$DC_METRICS" dynacache_cache_misses_total), coalesced $(metric "$DC_METRICS" dynacache_cache_coalesced_misses_total)"
     stop_pid "$DC_PID"
+    [ -z "$AGAINST" ] || stop_pid "$BEFORE_PID"
     if [ "$distance" = remote ]; then
       stop_pid "$PROXY_PID"
       ENDPOINT="$LOOPBACK_ENDPOINT"
@@ -490,11 +525,23 @@ if [ -s "$RESULTS" ]; then
     echo
     echo "## hit path: dynacache / memcached"
     "$LOADGEN" --bench report "$OUT/hit.txt" --baseline memcached
+    if [ -n "$AGAINST" ]; then
+      echo
+      echo "## hit path: dynacache / the binary it is compared against (server=before)"
+      grep -v 'server=memcached' "$OUT/hit.txt" >"$OUT/hit-before.txt"
+      "$LOADGEN" --bench report "$OUT/hit-before.txt" --baseline before
+    fi
   fi
   if [ -s "$OUT/miss.txt" ]; then
     echo
     echo "## miss and write paths: dynacache / direct aws-sdk-dynamodb"
     "$LOADGEN" --bench report "$OUT/miss.txt" --baseline sdk
+    if [ -n "$AGAINST" ]; then
+      echo
+      echo "## miss and write paths: dynacache / the binary it is compared against (server=before)"
+      grep -v 'server=sdk' "$OUT/miss.txt" >"$OUT/miss-before.txt"
+      "$LOADGEN" --bench report "$OUT/miss-before.txt" --baseline before
+    fi
   fi
 fi
 echo

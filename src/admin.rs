@@ -94,6 +94,9 @@ impl<S: Store> Admin<S> {
             self.engine.counters(),
             &self.engine.cache().stats(),
         );
+        if let Some(local) = self.engine.local_cache() {
+            crate::metrics::render_local(&local.stats(), &mut text);
+        }
         if let Some(fleet) = self.engine.fleet() {
             fleet.render(&mut text);
         }

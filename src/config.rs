@@ -101,11 +101,45 @@ pub struct Config {
     pub hot_keys: usize,
     /// "text" (human-readable) or "json" logs.
     pub log_format: LogFormat,
+    /// Memory for the keys of `local` prefixes, apart from `memory_limit`.
+    #[serde(with = "byte_size")]
+    pub local_memory_limit: ByteSize,
     pub dynamodb: DynamoSettings,
     /// Used by `dynacache init-table` only.
     pub table: TableSettings,
     /// Fleet mode (docs/fleet.md): off unless `fleet.listen` is set.
     pub fleet: FleetSettings,
+    /// Policies by key prefix (`[[prefix]]` tables), first match wins; a
+    /// key no rule matches is durable with no expiry cap.
+    pub prefix: Vec<PrefixRule>,
+}
+
+/// One `[[prefix]]` table: what happens to the keys that begin with `prefix`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixRule {
+    /// The key's first bytes, as the client sends them (Django: the
+    /// cache's KEY_PREFIX, then `:<version>:`).
+    pub prefix: String,
+    /// "durable" (DynamoDB, then memory: the default) or "local" (this
+    /// sidecar's memory only, as memcached keeps it).
+    #[serde(default)]
+    pub policy: PrefixPolicy,
+    /// A write asking for a later expiry, or none, gets this from now.
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_ttl: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefixPolicy {
+    #[default]
+    Durable,
+    Local,
 }
 
 /// The `[fleet]` section.
@@ -185,6 +219,8 @@ impl Default for Config {
             hot_keys: 32,
             log_format: LogFormat::Text,
             dynamodb: DynamoSettings::default(),
+            prefix: Vec::new(),
+            local_memory_limit: ByteSize::mib(64),
             table: TableSettings::default(),
             fleet: FleetSettings::default(),
         }
@@ -504,6 +540,43 @@ impl Config {
         }
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be at least 1"));
+        }
+        for (i, rule) in self.prefix.iter().enumerate() {
+            let which =
+                |what: String| invalid("prefix", format!("[[prefix]] number {}: {what}", i + 1));
+            if rule.prefix.is_empty() || rule.prefix.len() > 250 {
+                return Err(which("prefix must be 1 to 250 bytes".into()));
+            }
+            if rule
+                .prefix
+                .as_bytes()
+                .starts_with(crate::store::RESERVED_PREFIX)
+            {
+                return Err(which(format!(
+                    "{:?} names dynacache's own keys, which no client can write",
+                    rule.prefix
+                )));
+            }
+            if rule.max_ttl.is_some_and(|t| t < Duration::from_secs(1)) {
+                return Err(which("max_ttl must be at least 1s".into()));
+            }
+        }
+        if self.prefix.iter().any(|r| r.policy == PrefixPolicy::Local) {
+            let local = self.local_memory_limit.as_u64();
+            if local == 0 {
+                return Err(invalid("local_memory_limit", "must be above zero"));
+            }
+            if let Some(physical) = machine.physical_memory
+                && local + memory > physical
+            {
+                return Err(invalid(
+                    "local_memory_limit",
+                    format!(
+                        "with memory_limit, more than this machine's physical memory, {}",
+                        ByteSize::b(physical)
+                    ),
+                ));
+            }
         }
         if self.hot_keys > HOT_KEYS_MAX {
             return Err(invalid(

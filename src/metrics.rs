@@ -45,6 +45,11 @@ pub const CONNECTIONS_TOTAL: &str = "dynacache_connections_total";
 pub const CONNECTIONS_LIMIT: &str = "dynacache_connections_limit";
 pub const CONNECTIONS_LIMIT_REACHED: &str = "dynacache_connections_limit_reached_total";
 pub const CLIENT_BYTES: &str = "dynacache_client_bytes_total";
+pub const LOCAL_KEYS: &str = "dynacache_local_keys_total";
+pub const LOCAL_CACHE_ITEMS: &str = "dynacache_local_cache_items";
+pub const LOCAL_CACHE_BYTES: &str = "dynacache_local_cache_bytes";
+pub const LOCAL_CACHE_LIMIT_BYTES: &str = "dynacache_local_cache_limit_bytes";
+pub const LOCAL_CACHE_EVICTIONS: &str = "dynacache_local_cache_evictions_total";
 pub const STORE_VALUES: &str = "dynacache_store_values_total";
 pub const STORE_VALUE_BYTES: &str = "dynacache_store_value_bytes_total";
 pub const DYNAMODB_CALL_CAPACITY: &str = "dynacache_dynamodb_call_capacity_units";
@@ -187,6 +192,12 @@ pub enum Event {
     /// Fleet mode: keys read from DynamoDB, not memory, because a peer's
     /// lease was missing.
     FleetReadsThrough,
+    /// Keys of local prefixes (memory only) found in memory...
+    LocalHits,
+    /// ...not found (never read from DynamoDB)...
+    LocalMisses,
+    /// ...and written (to memory only).
+    LocalWrites,
 }
 
 impl Event {
@@ -204,6 +215,9 @@ impl Event {
                 | Event::WritesRefused
                 | Event::WritesFailed
                 | Event::FleetReadsThrough
+                | Event::LocalHits
+                | Event::LocalMisses
+                | Event::LocalWrites
         )
     }
 
@@ -211,10 +225,14 @@ impl Event {
     /// that tells it from the family's other events.
     fn prometheus(self) -> Option<Family> {
         let writes = "Writes through the write path, by result: done (DynamoDB changed), refused (decided on what DynamoDB holds: NOT_STORED, EXISTS, NOT_FOUND), failed (an error answered).";
+        let local = "Keys of local prefixes (kept in memory only, never in DynamoDB): hits, misses and writes.";
         let labelled = match self {
             Event::WritesDone => Some((WRITES, writes, Some(("result", "done")))),
             Event::WritesRefused => Some((WRITES, writes, Some(("result", "refused")))),
             Event::WritesFailed => Some((WRITES, writes, Some(("result", "failed")))),
+            Event::LocalHits => Some((LOCAL_KEYS, local, Some(("event", "hit")))),
+            Event::LocalMisses => Some((LOCAL_KEYS, local, Some(("event", "miss")))),
+            Event::LocalWrites => Some((LOCAL_KEYS, local, Some(("event", "write")))),
             _ => None,
         };
         if labelled.is_some() {
@@ -546,6 +564,41 @@ pub fn render(
     text.push('\n');
     render_capacity(&mut text);
     text
+}
+
+/// The gauges of local keys' cache (`[[prefix]]` with `policy = "local"`).
+pub fn render_local(local: &CacheStats, out: &mut String) {
+    let gauges = [
+        (
+            LOCAL_CACHE_ITEMS,
+            "gauge",
+            "Local keys in memory.",
+            local.items,
+        ),
+        (
+            LOCAL_CACHE_BYTES,
+            "gauge",
+            "Bytes local keys are charged against their budget.",
+            local.bytes,
+        ),
+        (
+            LOCAL_CACHE_LIMIT_BYTES,
+            "gauge",
+            "Local keys' memory budget (local_memory_limit).",
+            local.limit_bytes,
+        ),
+        (
+            LOCAL_CACHE_EVICTIONS,
+            "counter",
+            "Local keys evicted to stay within their budget.",
+            local.evictions,
+        ),
+    ];
+    for (name, kind, help, value) in gauges {
+        family(out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    out.push('\n');
 }
 
 /// DynamoDB's capacity units consumed, by operation. Counted here, not in

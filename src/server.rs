@@ -20,9 +20,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin};
 use crate::cache::ItemCache;
-use crate::config::Config;
+use crate::config::{Config, PrefixPolicy};
 use crate::connection::{self, ConnectionOptions};
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::{Engine, EngineOptions, KeyRule};
 use crate::listener::{self, Accepted, Listener, Peer};
 use crate::metrics::Event;
 use crate::protocol::Limits;
@@ -124,6 +124,16 @@ async fn serve<S: Store>(
         settings_report: settings_report(config),
         item_size_max: limits.item_size_max,
         hot_keys: config.hot_keys,
+        rules: config
+            .prefix
+            .iter()
+            .map(|r| KeyRule {
+                prefix: r.prefix.as_bytes().into(),
+                local: r.policy == PrefixPolicy::Local,
+                max_ttl: r.max_ttl,
+            })
+            .collect(),
+        local_memory_limit: config.local_memory_limit.as_u64(),
     };
     let engine = Arc::new(Engine::with_options(cache, store, options));
     // Fleet mode: join before serving (writes wait until joined).

@@ -46,6 +46,8 @@ struct Setup {
     table: String,
     fleet: bool,
     secret: String,
+    /// A configuration file's text for every sidecar, if any.
+    config: Option<String>,
 }
 
 impl Setup {
@@ -55,6 +57,7 @@ impl Setup {
             table: db.new_table().await.table,
             fleet,
             secret: SECRET.into(),
+            config: None,
         }
     }
 
@@ -90,6 +93,11 @@ impl Setup {
             "--max-local-age",
             "1h",
         ]);
+        if let Some(text) = &self.config {
+            let path = dir.path().join("dynacache.toml");
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("--config").arg(path);
+        }
         if self.fleet {
             let advertise = advertise.unwrap_or_else(|| format!("127.0.0.1:{peer_port}"));
             cmd.args([
@@ -1055,4 +1063,90 @@ async fn a_peer_without_the_secret_and_garbage_are_refused() {
     assert_eq!(get(&s[0], "k").await, value("k", "v2"));
     // Reads through the intruder go to DynamoDB.
     assert_eq!(get(&intruder, "k").await, value("k", "v2"));
+}
+
+/// Keys of a local prefix live in each sidecar's memory only, but in fleet
+/// mode a write through one removes every other's copy before it is
+/// answered, as for durable keys: a delete through A is a miss on B at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_keys_are_invalidated_fleet_wide() {
+    let _serial = SERIAL.lock().await;
+    let db = DynamoLocal::shared().await;
+    let mut setup = Setup::new(&db, true).await;
+    setup.config = Some("[[prefix]]\nprefix = \"page:\"\npolicy = \"local\"\n".into());
+    let sidecars = fleet_of(&setup, 2).await;
+    let (a, b) = (&sidecars[0], &sidecars[1]);
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    // Each renders and caches the page on its own.
+    assert_eq!(
+        ca.call(b"set page:home 0 0 2\r\nv1\r\n").await,
+        "STORED\r\n"
+    );
+    assert_eq!(
+        cb.call(b"set page:home 0 0 2\r\nv2\r\n").await,
+        "STORED\r\n"
+    );
+    // B's write removed A's copy: A misses rather than serve v1.
+    assert_eq!(ca.call(b"get page:home\r\n").await, "END\r\n");
+    assert_eq!(
+        cb.call(b"get page:home\r\n").await,
+        "VALUE page:home 0 2\r\nv2\r\nEND\r\n"
+    );
+    // A delete through A removes B's copy.
+    assert_eq!(
+        ca.call(b"set page:home 0 0 2\r\nv3\r\n").await,
+        "STORED\r\n"
+    );
+    assert_eq!(cb.call(b"get page:home\r\n").await, "END\r\n");
+    assert_eq!(
+        cb.call(b"set page:home 0 0 2\r\nv4\r\n").await,
+        "STORED\r\n"
+    );
+    assert_eq!(ca.call(b"delete page:home\r\n").await, "NOT_FOUND\r\n");
+    assert_eq!(
+        cb.call(b"get page:home\r\n").await,
+        "VALUE page:home 0 2\r\nv4\r\nEND\r\n"
+    );
+    assert_eq!(cb.call(b"delete page:home\r\n").await, "DELETED\r\n");
+    assert_eq!(cb.call(b"get page:home\r\n").await, "END\r\n");
+    assert_eq!(
+        ca.call(b"set page:home 0 0 2\r\nv5\r\n").await,
+        "STORED\r\n"
+    );
+    assert_eq!(
+        cb.call(b"set page:home 0 0 2\r\nv6\r\n").await,
+        "STORED\r\n"
+    );
+    assert_eq!(
+        ca.call(b"get page:home\r\n").await,
+        "END\r\n",
+        "v5 went with B's write"
+    );
+    assert_eq!(
+        ca.call(b"set page:home 0 0 2\r\nv7\r\n").await,
+        "STORED\r\n"
+    );
+    assert_eq!(
+        cb.call(b"delete page:home\r\n").await,
+        "NOT_FOUND\r\n",
+        "v6 went with A's write"
+    );
+    assert_eq!(
+        ca.call(b"get page:home\r\n").await,
+        "VALUE page:home 0 2\r\nv7\r\nEND\r\n"
+    );
+    // Nothing of it ever reached DynamoDB.
+    let item = common::table_item(
+        &db.client(),
+        &dynacache::store::DynamoSettings {
+            table: setup.table.clone(),
+            ..Default::default()
+        },
+        "page:home",
+    )
+    .await;
+    assert!(item.is_none(), "a local key in the table: {item:?}");
+    for s in [a, b] {
+        assert!(s.metric("dynacache_fleet_invalidations_sent_total").await >= 3.0);
+    }
 }

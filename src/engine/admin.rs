@@ -61,6 +61,9 @@ impl<S: Store> Engine<S> {
         if flushed_before > previous && flushed_before <= version_at(unix_micros()) {
             // In effect now: free the memory at once rather than entry by entry.
             self.cache.clear();
+            if let Some(local) = &self.local {
+                local.clear();
+            }
         }
     }
 

@@ -84,7 +84,7 @@ impl<S: Store> Engine<S> {
                     .await;
                 match lookup {
                     Ok(_) => {
-                        self.counters.record(Event::CacheHits);
+                        self.count_hit(key);
                         self.counters.record(Event::GetHits);
                         return Ok(Outcome::Hit);
                     }

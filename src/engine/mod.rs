@@ -81,6 +81,22 @@ pub struct EngineOptions {
     /// Keys tracked as the most read and the most written (`stats hotkeys`,
     /// `/hotkeys`); 0 = none.
     pub hot_keys: usize,
+    /// Policies by key prefix, first match wins (`[[prefix]]`); a key no
+    /// rule matches is durable, with no expiry cap.
+    pub rules: Vec<KeyRule>,
+    /// The memory budget of local keys' cache (apart from the cache's).
+    pub local_memory_limit: u64,
+}
+
+/// What happens to keys that begin with `prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRule {
+    pub prefix: Box<[u8]>,
+    /// Kept in this sidecar's memory only, never written to DynamoDB (a page
+    /// cache, as memcached held it); else durable.
+    pub local: bool,
+    /// Writes asking for a later expiry, or none, get this from now.
+    pub max_ttl: Option<Duration>,
 }
 
 /// The shortest period between two reads of the `flush_all` marker: one
@@ -109,12 +125,16 @@ impl Default for EngineOptions {
             settings_report: Vec::new(),
             item_size_max: 1024 * 1024,
             hot_keys: 32,
+            rules: Vec::new(),
+            local_memory_limit: 64 << 20,
         }
     }
 }
 
 pub struct Engine<S> {
     cache: ItemCache,
+    /// The keys of local prefixes ([`KeyRule::local`]), when any rule has one.
+    local: Option<ItemCache>,
     store: Arc<S>,
     /// Fleet mode: the peers whose memory this engine keeps coherent.
     fleet: std::sync::OnceLock<Arc<Fleet<S>>>,
@@ -146,8 +166,14 @@ impl<S: Store> Engine<S> {
     }
 
     pub fn with_options(cache: ItemCache, store: S, options: EngineOptions) -> Engine<S> {
+        let local = options
+            .rules
+            .iter()
+            .any(|r| r.local)
+            .then(|| ItemCache::new(options.local_memory_limit, ItemCache::default_shards()));
         Engine {
             cache,
+            local,
             store: Arc::new(store),
             fleet: std::sync::OnceLock::new(),
             hot: HotKeys::new(options.hot_keys),
@@ -167,6 +193,33 @@ impl<S: Store> Engine<S> {
 
     pub fn cache(&self) -> &ItemCache {
         &self.cache
+    }
+
+    /// The cache of local keys, when some prefix is local.
+    pub fn local_cache(&self) -> Option<&ItemCache> {
+        self.local.as_ref()
+    }
+
+    /// The rule for `key`: the first whose prefix it begins with (none for
+    /// dynacache's own keys: the flush marker is always durable).
+    fn rule(&self, key: &[u8]) -> Option<&KeyRule> {
+        let mut rules = self.options.rules.iter();
+        rules
+            .find(|r| key.starts_with(&r.prefix))
+            .filter(|_| !key.starts_with(crate::store::RESERVED_PREFIX))
+    }
+
+    /// The cache that holds `key`: the local keys' own, or the cache.
+    fn cache_for(&self, key: &[u8]) -> &ItemCache {
+        match &self.local {
+            Some(local) if self.is_local(key) => local,
+            _ => &self.cache,
+        }
+    }
+
+    /// Whether `key` is kept in memory only, never in DynamoDB.
+    fn is_local(&self, key: &[u8]) -> bool {
+        self.local.is_some() && self.rule(key).is_some_and(|r| r.local)
     }
 
     pub fn store(&self) -> &S {
@@ -195,6 +248,14 @@ impl<S: Store> Engine<S> {
     fn count_read(&self, key: &[u8]) {
         self.counters.record(Event::CmdGet);
         self.hot.read(key);
+    }
+
+    /// A key served from memory: a cache hit, or a local key's, counted apart.
+    fn count_hit(&self, key: &[u8]) {
+        self.counters.record(match self.is_local(key) {
+            true => Event::LocalHits,
+            false => Event::CacheHits,
+        });
     }
 
     /// The coherence epoch (fleet mode), captured when a read or write
@@ -544,7 +605,7 @@ impl<S: Store> LocalCache for Engine<S> {
         // ...nor will reads in flight, nor later gets that would have
         // joined them.
         self.reads.remove(key);
-        self.cache.remove(key);
+        self.cache_for(key).remove(key);
     }
 
     fn flush(&self, before: u64) {
@@ -556,6 +617,9 @@ impl<S: Store> LocalCache for Engine<S> {
             // Reads in flight began before: no get may join them now.
             self.reads.clear();
             self.cache.clear();
+            if let Some(local) = &self.local {
+                local.clear();
+            }
             match self.refresh_flush_marker().await {
                 Ok(()) => true,
                 Err(e) => {

@@ -53,7 +53,7 @@ impl<S: Store> Engine<S> {
                 .await;
             match lookup {
                 Ok(()) => {
-                    self.counters.record(Event::CacheHits);
+                    self.count_hit(key);
                     self.counters.record(Event::GetHits);
                 }
                 Err(lookup) => {
@@ -109,7 +109,8 @@ impl<S: Store> Engine<S> {
     ) -> Result<bool, StoreError> {
         let mut wanted: Vec<&[u8]> = Vec::new();
         for (key, lookup) in lookups.iter() {
-            if !matches!(lookup, Lookup::Fresh(_)) && !wanted.contains(key) {
+            // Local keys are in memory or nowhere: never read from the store.
+            if !matches!(lookup, Lookup::Fresh(_)) && !wanted.contains(key) && !self.is_local(key) {
                 wanted.push(key);
             }
         }
@@ -124,7 +125,9 @@ impl<S: Store> Engine<S> {
         // Old copies may stand in for a re-read, if allowed (every key
         // not fresh has one).
         let stale_ok = self.options.stale_on_error
-            && lookups.iter().all(|(_, l)| !matches!(l, Lookup::Absent));
+            && lookups
+                .iter()
+                .all(|(k, l)| !matches!(l, Lookup::Absent) || self.is_local(k));
         let fetched = if wanted.is_empty() {
             Some(Vec::new())
         } else if stale_ok {
@@ -137,8 +140,12 @@ impl<S: Store> Engine<S> {
             let key: &[u8] = key;
             let found = match (std::mem::replace(lookup, Lookup::Absent), &fetched) {
                 (Lookup::Fresh(item), _) => {
-                    self.counters.record(Event::CacheHits);
+                    self.count_hit(key);
                     Some(Arc::new(item))
+                }
+                (_, _) if self.is_local(key) => {
+                    self.counters.record(Event::LocalMisses);
+                    None
                 }
                 (Lookup::Aged(item), None) => {
                     self.counters.record(Event::CacheStaleServed);
@@ -189,8 +196,12 @@ impl<S: Store> Engine<S> {
     ) -> Result<Option<Item>, StoreError> {
         let found = match lookup {
             Lookup::Fresh(item) => {
-                self.counters.record(Event::CacheHits);
+                self.count_hit(key);
                 Some(item)
+            }
+            _ if self.is_local(key) => {
+                self.counters.record(Event::LocalMisses);
+                None
             }
             Lookup::Aged(item) if self.options.stale_on_error => {
                 match self.reread(&[key], view).await {
@@ -302,8 +313,13 @@ impl<S: Store> Engine<S> {
             self.counters.record(Event::FleetReadsThrough);
             return Lookup::Absent;
         }
-        let max = self.options.max_local_age.as_millis() as u64;
-        let found = self.cache.lookup(key, view.now, |entry| {
+        // Local keys have no copy in DynamoDB to re-read: never aged.
+        let cache = self.cache_for(key);
+        let max = match self.is_local(key) {
+            true => 0,
+            false => self.options.max_local_age.as_millis() as u64,
+        };
+        let found = cache.lookup(key, view.now, |entry| {
             if entry.version() < view.flushed_before {
                 // Written before a flush_all that has taken effect.
                 Err(None)
@@ -327,7 +343,7 @@ impl<S: Store> Engine<S> {
             }
             Ok(Ok(served)) => Lookup::Fresh(served),
             Ok(Err(None)) => {
-                self.cache.remove(key);
+                cache.remove(key);
                 self.counters.record(Event::GetFlushed);
                 Lookup::Absent
             }

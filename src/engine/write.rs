@@ -163,6 +163,7 @@ impl<S: Store> Engine<S> {
             self.check_key(key)?;
             self.hot.write(key);
         }
+        let op = self.capped(key, op, view);
         // Fleet mode: a member that could not acknowledge does not write.
         let fleet = self.fleet.get();
         if let Some(fleet) = fleet
@@ -171,6 +172,18 @@ impl<S: Store> Engine<S> {
             return Err(StoreError::FleetUnknown);
         }
         let lock = self.writes.lock(key).await;
+        if self.is_local(key) {
+            // Memory only: decided on what this sidecar holds, as memcached
+            // decides it, then told to the peers like any write.
+            let result = Ok(self.write_local(key, op, view));
+            drop(lock);
+            let result = match fleet {
+                None => result,
+                Some(fleet) => self.tell_fleet(fleet, key, op, result).await,
+            };
+            self.count_write(op, &result, true);
+            return result;
+        }
         let epoch = self.epoch_now();
         let result = self.write_locked(key, op, view).await;
         self.note_store(&result);
@@ -211,8 +224,79 @@ impl<S: Store> Engine<S> {
             None => result,
             Some(fleet) => self.tell_fleet(fleet, key, op, result).await,
         };
-        self.count_write(op, &result);
+        self.count_write(op, &result, false);
         result
+    }
+
+    /// A write of a local key (memory only), under its key lock: the change
+    /// decided on the local copy (absent, expired or flushed: no item), and
+    /// made there.
+    fn write_local(&self, key: &[u8], op: Op<'_>, view: View) -> Done {
+        let local = self.cache_for(key);
+        let current = local.get(key, view.now);
+        let floor = current
+            .as_ref()
+            .map_or(0, |i| i.version)
+            .max(view.flushed_before);
+        let version = self.versions.next_after(floor);
+        match decide(op, current.as_ref(), view, version) {
+            Ok((_, new)) => {
+                self.counters.record(Event::LocalWrites);
+                if new.is_live(view) {
+                    if !local.insert_item(key, &new, self.now_ms()) {
+                        self.counters.record(Event::StoreNoMemory);
+                    }
+                } else {
+                    // A delete, or a write that expires at once.
+                    local.remove(key);
+                }
+                Done::Written(new)
+            }
+            Err(refusal) => Done::Refused(refusal, current),
+        }
+    }
+
+    /// `op` with its expiry capped by the key's rule (`max_ttl`): a write
+    /// asking for a later expiry, or none, gets now + `max_ttl`.
+    fn capped<'a>(&self, key: &[u8], op: Op<'a>, view: View) -> Op<'a> {
+        let Some(max) = self.rule(key).and_then(|r| r.max_ttl) else {
+            return op;
+        };
+        let limit = view
+            .now
+            .saturating_add(u32::try_from(max.as_secs()).unwrap_or(u32::MAX));
+        let cap = |at: u32| if at == 0 || at > limit { limit } else { at };
+        match op {
+            Op::Store {
+                mode,
+                flags,
+                expires_at,
+                data,
+                cas,
+            } => Op::Store {
+                mode,
+                flags,
+                // append and prepend keep the item's expiry (capped when set).
+                expires_at: cap(expires_at),
+                data,
+                cas,
+            },
+            Op::Arith {
+                incr,
+                delta,
+                cas,
+                expires_at,
+            } => Op::Arith {
+                incr,
+                delta,
+                cas,
+                expires_at: expires_at.map(cap),
+            },
+            Op::Touch { expires_at } => Op::Touch {
+                expires_at: cap(expires_at),
+            },
+            other => other,
+        }
     }
 
     /// Fleet mode: tells every peer holding this member's lease about the
@@ -453,20 +537,25 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    /// Counts what a write did, for `stats` and `/metrics`.
-    fn count_write(&self, op: Op<'_>, result: &Result<Done, StoreError>) {
+    /// Counts what a write did, for `stats` and `/metrics`; the write path's
+    /// own counters (`dynacache_writes_total`) only for writes to DynamoDB.
+    fn count_write(&self, op: Op<'_>, result: &Result<Done, StoreError>, local: bool) {
         let refusal = match result {
             Ok(Done::Written(_)) => None,
             Ok(Done::Refused(refusal, _)) => Some(*refusal),
             Err(_) => {
-                self.counters.record(Event::WritesFailed);
+                if !local {
+                    self.counters.record(Event::WritesFailed);
+                }
                 return;
             }
         };
-        self.counters.record(match refusal {
-            None => Event::WritesDone,
-            Some(_) => Event::WritesRefused,
-        });
+        if !local {
+            self.counters.record(match refusal {
+                None => Event::WritesDone,
+                Some(_) => Event::WritesRefused,
+            });
+        }
         let events: &[Event] = match (op, refusal) {
             (Op::Store { cas: Some(_), .. }, None) => &[Event::CasHits, Event::TotalItems],
             (Op::Store { cas: Some(_), .. }, Some(Refusal::Exists)) => &[Event::CasBadval],
