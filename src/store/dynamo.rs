@@ -698,6 +698,10 @@ impl DynamoStore {
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) if e.code() == Some("ConditionalCheckFailedException") => "conditional_failed",
+            // A transaction DynamoDB cancelled: a condition failed, or another
+            // transaction was writing the same items (retried in `transact`).
+            // DynamoDB answered: neither an error nor an outage.
+            Err(e) if e.code() == Some("TransactionCanceledException") => "cancelled",
             Err(e) => match classify(e) {
                 StoreError::Timeout => "timeout",
                 StoreError::Throttled => "throttled",
@@ -709,7 +713,7 @@ impl DynamoStore {
         metrics::histogram!(crate::metrics::DYNAMODB_DURATION, "operation" => operation)
             .record(started.elapsed().as_secs_f64());
         match outcome {
-            "ok" | "conditional_failed" => super::outage::DYNAMODB.answered(),
+            "ok" | "conditional_failed" | "cancelled" => super::outage::DYNAMODB.answered(),
             _ => {
                 if let Err(e) = &result {
                     let error = classify(e);
