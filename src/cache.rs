@@ -60,6 +60,9 @@ pub struct Entry {
     /// The store's [`Item::chunks`], kept so a write over this copy names
     /// them.
     pub chunks: u8,
+    /// A negative entry: the store held no live item for the key when it
+    /// was read (see [`Entry::absent`]).
+    pub absent: bool,
 }
 
 impl Entry {
@@ -77,6 +80,19 @@ impl Entry {
             version,
             filled_at_ms: 0,
             chunks: 0,
+            absent: false,
+        }
+    }
+
+    /// A negative entry for `key`: the store held nothing live for it at
+    /// `version` (a version taken when its read began, so a `flush_all`
+    /// after that hides it as it hides items). No value; charged for its
+    /// key and overhead like any entry. [`ItemCache::get`] never returns it:
+    /// it is no copy of an item.
+    pub fn absent(key: &[u8], version: u64) -> Entry {
+        Entry {
+            absent: true,
+            ..Entry::new(key, b"", 0, 0, version)
         }
     }
 
@@ -136,6 +152,11 @@ impl EntryRef<'_> {
 
     pub fn chunks(&self) -> u8 {
         (self.0.packed >> CHUNKS_SHIFT) as u8
+    }
+
+    /// Whether this is a negative entry ([`Entry::absent`]).
+    pub fn is_absent(&self) -> bool {
+        self.0.packed & ABSENT != 0
     }
 
     /// A copy that outlives the lock.
@@ -210,7 +231,10 @@ impl ItemCache {
     /// A copy of the live entry for `key`, marked most recently used. An
     /// expired entry is dropped and reported as absent.
     pub fn get(&self, key: &[u8], now: u32) -> Option<Item> {
-        self.get_with(key, now, |entry| entry.to_item())
+        self.get_with(key, now, |entry| {
+            (!entry.is_absent()).then(|| entry.to_item())
+        })
+        .flatten()
     }
 
     /// [`ItemCache::get`] without the copy: `read` sees the live entry in
@@ -358,8 +382,8 @@ struct Slot {
     /// The key followed by the value, exactly that long.
     kv: Box<[u8]>,
     version: u64,
-    /// `filled_at_ms` in the low 48 bits, then the store's chunk count, then
-    /// the key's length in the top 8.
+    /// `filled_at_ms` in the low 47 bits, a negative entry's flag, the
+    /// store's chunk count, then the key's length in the top 8.
     packed: u64,
     flags: u32,
     expires_at: u32,
@@ -369,9 +393,11 @@ struct Slot {
     next: u32,
 }
 
-const FILLED_BITS: u32 = 48;
+const FILLED_BITS: u32 = 47;
 const FILLED_MASK: u64 = (1 << FILLED_BITS) - 1;
-const CHUNKS_SHIFT: u32 = FILLED_BITS;
+/// Bit 47: a negative entry.
+const ABSENT: u64 = 1 << 47;
+const CHUNKS_SHIFT: u32 = 48;
 const KEY_LEN_SHIFT: u32 = 56;
 
 impl Slot {
@@ -379,8 +405,9 @@ impl Slot {
         Slot {
             kv: entry.kv,
             version: entry.version,
-            // 2^48 ms is 8,900 years of uptime.
+            // 2^47 ms is 4,400 years of uptime.
             packed: entry.filled_at_ms.min(FILLED_MASK)
+                | if entry.absent { ABSENT } else { 0 }
                 | u64::from(entry.chunks) << CHUNKS_SHIFT
                 | u64::from(entry.key_len) << KEY_LEN_SHIFT,
             flags: entry.flags,
@@ -574,7 +601,7 @@ mod tests {
         let cache = ItemCache::new(1 << 20, 1);
         let key = [b'k'; 250];
         let entry = Entry::new(&key, b"value", u32::MAX, u32::MAX - 1, u64::MAX)
-            .filled_at((1 << 48) - 1)
+            .filled_at((1 << 47) - 1)
             .chunks(u8::MAX);
         assert!(cache.insert(entry));
         let item = Item {
@@ -586,16 +613,32 @@ mod tests {
         };
         assert_eq!(cache.get(&key, 0), Some(item));
         assert_eq!(
-            cache.get_with(&key, 0, |e| e.filled_at_ms()),
-            Some((1 << 48) - 1)
+            cache.get_with(&key, 0, |e| (e.filled_at_ms(), e.is_absent())),
+            Some(((1 << 47) - 1, false))
         );
-        // A fill time beyond 48 bits is kept at the largest it can hold,
+        // A fill time beyond 47 bits is kept at the largest it can hold,
         // without touching the fields packed beside it.
         cache.insert(Entry::new(b"x", b"", 0, 0, 1).filled_at(u64::MAX).chunks(3));
         assert_eq!(
-            cache.get_with(b"x", 0, |e| (e.filled_at_ms(), e.chunks(), e.key().len())),
-            Some(((1 << 48) - 1, 3, 1))
+            cache.get_with(b"x", 0, |e| (
+                e.filled_at_ms(),
+                e.chunks(),
+                e.key().len(),
+                e.is_absent()
+            )),
+            Some(((1 << 47) - 1, 3, 1, false))
         );
+        // A negative entry: found in place, never copied out as an item.
+        assert!(cache.insert(Entry::absent(b"gone", 9).filled_at(5)));
+        assert_eq!(
+            cache.get_with(b"gone", 0, |e| (
+                e.is_absent(),
+                e.version(),
+                e.filled_at_ms()
+            )),
+            Some((true, 9, 5))
+        );
+        assert_eq!(cache.get(b"gone", 0), None);
     }
 
     #[test]

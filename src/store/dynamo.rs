@@ -184,6 +184,52 @@ pub struct DynamoStore {
     /// `#k`, `#v`, ... -> the configured attribute names, for expressions.
     names: HashMap<String, String>,
     compressor: Compressor,
+    counts: ValueCounts,
+}
+
+/// The value counters, registered once (a `metrics::counter!` with labels
+/// costs a registry lookup per call; these are one atomic add).
+struct ValueCounts {
+    /// By direction (write, read): plain bytes, stored bytes, values
+    /// compressed, values chunked.
+    write: [metrics::Counter; 4],
+    read: [metrics::Counter; 4],
+}
+
+impl ValueCounts {
+    fn new() -> ValueCounts {
+        let of = |direction: &'static str| {
+            [
+                metrics::counter!(crate::metrics::STORE_VALUE_BYTES, "direction" => direction, "form" => "plain"),
+                metrics::counter!(crate::metrics::STORE_VALUE_BYTES, "direction" => direction, "form" => "stored"),
+                metrics::counter!(crate::metrics::STORE_VALUES, "direction" => direction, "form" => "compressed"),
+                metrics::counter!(crate::metrics::STORE_VALUES, "direction" => direction, "form" => "chunked"),
+            ]
+        };
+        ValueCounts {
+            write: of("write"),
+            read: of("read"),
+        }
+    }
+
+    /// A value written or read: its plain and stored sizes, and whether it
+    /// was compressed or chunked.
+    fn value(
+        counters: &[metrics::Counter; 4],
+        plain: usize,
+        stored: usize,
+        compressed: bool,
+        chunked: bool,
+    ) {
+        counters[0].increment(plain as u64);
+        counters[1].increment(stored as u64);
+        if compressed {
+            counters[2].increment(1);
+        }
+        if chunked {
+            counters[3].increment(1);
+        }
+    }
 }
 
 impl DynamoStore {
@@ -255,6 +301,7 @@ impl DynamoStore {
             settings,
             names,
             compressor,
+            counts: ValueCounts::new(),
         }
     }
 
@@ -368,16 +415,19 @@ impl DynamoStore {
             for part in parts {
                 bytes.extend_from_slice(&part);
             }
-            record_value("read", "chunked");
         }
         let stored = bytes.len();
         item.value = offload(stored, move || codec::decode(codec, bytes, VALUE_MAX))
             .await
             .map_err(|e| StoreError::BadItem(e.to_string()))?;
-        record_value_bytes("read", item.value.len(), stored);
-        if codec == Codec::Zstd {
-            record_value("read", "compressed");
-        }
+        let (compressed, chunked) = (codec == Codec::Zstd, item.chunks > 0);
+        ValueCounts::value(
+            &self.counts.read,
+            item.value.len(),
+            stored,
+            compressed,
+            chunked,
+        );
         Ok(Some(item))
     }
 
@@ -397,30 +447,30 @@ impl DynamoStore {
             Some(packed) => (Codec::Zstd, packed),
             None => (Codec::Raw, value.to_vec()),
         };
-        record_value_bytes("write", value.len(), bytes.len());
+        let part = self.part_size(key);
+        let (compressed, chunked) = (codec == Codec::Zstd, bytes.len() > part);
+        ValueCounts::value(
+            &self.counts.write,
+            value.len(),
+            bytes.len(),
+            compressed,
+            chunked,
+        );
         let map = |bytes: Vec<u8>| {
             AttributeValue::M(HashMap::from([(
                 codec.name().to_string(),
                 AttributeValue::B(Blob::new(bytes)),
             )]))
         };
-        let part = self.part_size(key);
-        if bytes.len() <= part {
+        if !chunked {
             let head = match codec {
                 Codec::Raw => AttributeValue::B(Blob::new(bytes)),
-                Codec::Zstd => {
-                    record_value("write", "compressed");
-                    map(bytes)
-                }
+                Codec::Zstd => map(bytes),
             };
             return Encoded {
                 head,
                 chunks: Vec::new(),
             };
-        }
-        record_value("write", "chunked");
-        if codec == Codec::Zstd {
-            record_value("write", "compressed");
         }
         let mut parts = bytes.chunks(part);
         let first = parts.next().expect("more than one part").to_vec();
@@ -924,21 +974,6 @@ fn unix_now() -> u32 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
-}
-
-/// Counts a value read or written (`direction`) that was `form`
-/// ("compressed", "chunked").
-fn record_value(direction: &'static str, form: &'static str) {
-    metrics::counter!(crate::metrics::STORE_VALUES, "direction" => direction, "form" => form)
-        .increment(1);
-}
-
-/// Counts a value's bytes as the client sees them and as the table holds them.
-fn record_value_bytes(direction: &'static str, plain: usize, stored: usize) {
-    metrics::counter!(crate::metrics::STORE_VALUE_BYTES, "direction" => direction, "form" => "plain")
-        .increment(plain as u64);
-    metrics::counter!(crate::metrics::STORE_VALUE_BYTES, "direction" => direction, "form" => "stored")
-        .increment(stored as u64);
 }
 
 impl Store for DynamoStore {
