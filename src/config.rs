@@ -79,6 +79,9 @@ pub struct Config {
     pub max_local_age: Duration,
     /// If that re-read fails (DynamoDB down), serve the older copy rather than an error.
     pub stale_on_error: bool,
+    /// Remember, for `max_local_age` at most, that a read found nothing
+    /// (the key's next gets are misses without a DynamoDB read).
+    pub negative_caching: bool,
     /// Whether `flush_all` is honoured (fleet-wide) or refused with an error.
     pub flush_enabled: bool,
     /// Close a connection idle this long; 0 = never (memcached's default).
@@ -211,6 +214,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             max_local_age: Duration::from_secs(2),
             stale_on_error: true,
+            negative_caching: true,
             flush_enabled: true,
             idle_timeout: Duration::ZERO,
             request_timeout: Duration::from_secs(30),

@@ -32,6 +32,7 @@ pub const DYNAMODB_DURATION: &str = "dynacache_dynamodb_request_duration_seconds
 pub const DYNAMODB_BATCH_KEYS: &str = "dynacache_dynamodb_batch_get_keys";
 pub const CACHE_COALESCED: &str = "dynacache_cache_coalesced_misses_total";
 pub const CACHE_STALE_SERVED: &str = "dynacache_cache_stale_served_total";
+pub const CACHE_NEGATIVE_HITS: &str = "dynacache_cache_negative_hits_total";
 pub const CACHE_REVALIDATIONS: &str = "dynacache_cache_revalidations_total";
 pub const WRITES_FENCED: &str = "dynacache_writes_fenced_total";
 pub const WRITES: &str = "dynacache_writes_total";
@@ -192,6 +193,8 @@ pub enum Event {
     /// Fleet mode: keys read from DynamoDB, not memory, because a peer's
     /// lease was missing.
     FleetReadsThrough,
+    /// Gets answered as misses by a negative entry: DynamoDB was not asked.
+    CacheNegativeHits,
     /// Keys of local prefixes (memory only) found in memory...
     LocalHits,
     /// ...not found (never read from DynamoDB)...
@@ -218,6 +221,7 @@ impl Event {
                 | Event::LocalHits
                 | Event::LocalMisses
                 | Event::LocalWrites
+                | Event::CacheNegativeHits
         )
     }
 
@@ -251,6 +255,10 @@ impl Event {
             Event::CacheRevalidations => (
                 CACHE_REVALIDATIONS,
                 "Cached entries older than max_local_age re-read from DynamoDB.",
+            ),
+            Event::CacheNegativeHits => (
+                CACHE_NEGATIVE_HITS,
+                "Gets answered as misses from a negative entry (a recent read found nothing): no DynamoDB read.",
             ),
             Event::CacheStaleServed => (
                 CACHE_STALE_SERVED,

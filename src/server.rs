@@ -134,6 +134,7 @@ async fn serve<S: Store>(
             })
             .collect(),
         local_memory_limit: config.local_memory_limit.as_u64(),
+        negative_caching: config.negative_caching,
     };
     let engine = Arc::new(Engine::with_options(cache, store, options));
     // Fleet mode: join before serving (writes wait until joined).

@@ -154,7 +154,7 @@ fn help_gives_the_defaults_of_the_settings_tuned_most() {
     for (flag, default) in [
         ("--max-local-age <DURATION>", "[default: 2s]"),
         ("--stale-on-error <BOOL>", "[default: true]"),
-        ("--item-size-max <SIZE>", "[default: 400KiB]"),
+        ("--item-size-max <SIZE>", "[default: 1MiB]"),
         ("--log-format <FORMAT>", "[default: text]"),
     ] {
         let line = help
@@ -626,7 +626,7 @@ fn a_bad_environment_value_exits_64_naming_its_variable() {
 
 #[test]
 fn an_item_size_max_no_item_can_have_exits_64() {
-    let out = run(&["--item-size-max", "1MiB", "--check-config"]);
+    let out = run(&["--item-size-max", "5MiB", "--check-config"]);
     assert_eq!(out.status.code(), Some(64));
     assert!(stderr(&out).contains("item_size_max"), "{}", stderr(&out));
 }
@@ -900,7 +900,8 @@ async fn serves_with_the_settings_of_its_config_file() {
     let deadline = Instant::now() + WAIT;
     loop {
         let e = exposition(server.metrics_port);
-        if e.get("dynacache_cache_items", &[]) == Some(1.0) {
+        // `a`, and `nope` remembered as absent.
+        if e.get("dynacache_cache_items", &[]) == Some(2.0) {
             assert_eq!(
                 e.get("dynacache_cache_limit_bytes", &[]),
                 Some(8.0 * 1024.0 * 1024.0),
@@ -1355,7 +1356,10 @@ impl Traffic {
             (b"add k 0 0 1\r\nw\r\n", "NOT_STORED\r\n"),
             (b"touch k 100\r\n", "TOUCHED\r\n"),
             (b"delete k\r\n", "DELETED\r\n"),
+            // Known absent since the delete (a negative entry): no read.
             (b"get k\r\n", "END\r\n"),
+            // Never seen: read from DynamoDB.
+            (b"get nope\r\n", "END\r\n"),
         ] {
             assert_eq!(c.call(request).await, reply);
         }
@@ -1391,22 +1395,27 @@ async fn command_cache_and_connection_metrics_move_with_traffic() {
     let traffic = Traffic::through(&["-c", "7"]).await;
     let moved = |name: &str, labels: &[(&str, &str)]| traffic.moved(name, labels);
     let commands = "dynacache_commands_total";
-    for (command, outcome) in [
-        ("set", "stored"),
-        ("get", "hit"),
-        ("get", "miss"),
-        ("add", "not_stored"),
-        ("touch", "touched"),
-        ("delete", "deleted"),
+    for (command, outcome, n) in [
+        ("set", "stored", 1.0),
+        ("get", "hit", 1.0),
+        ("get", "miss", 2.0),
+        ("add", "not_stored", 1.0),
+        ("touch", "touched", 1.0),
+        ("delete", "deleted", 1.0),
     ] {
         let labels = [("command", command), ("outcome", outcome)];
-        assert_eq!(moved(commands, &labels), 1.0, "{command} {outcome}");
+        assert_eq!(moved(commands, &labels), n, "{command} {outcome}");
     }
     let latency = "dynacache_command_duration_seconds_count";
-    assert_eq!(moved(latency, &[("command", "get")]), 2.0);
+    assert_eq!(moved(latency, &[("command", "get")]), 3.0);
     assert_eq!(moved(latency, &[("command", "set")]), 1.0);
     assert_eq!(moved("dynacache_cache_hits_total", &[]), 1.0);
-    assert_eq!(moved("dynacache_cache_misses_total", &[]), 1.0);
+    assert_eq!(moved("dynacache_cache_misses_total", &[]), 1.0, "nope");
+    assert_eq!(
+        moved("dynacache_cache_negative_hits_total", &[]),
+        1.0,
+        "k after its delete"
+    );
     assert_eq!(moved("dynacache_connections_total", &[]), 1.0);
     assert_eq!(traffic.after.get("dynacache_connections", &[]), Some(1.0));
     assert_eq!(
@@ -1422,7 +1431,8 @@ async fn dynamodb_request_and_capacity_metrics_move_with_traffic() {
     let moved = |name: &str, labels: &[(&str, &str)]| traffic.moved(name, labels);
     // set: PutItem; add of a cached key: a GetItem confirms it is there
     // (refusals are decided on DynamoDB's answer, never the cache's); touch:
-    // UpdateItem; delete: PutItem of a tombstone; get after it: GetItem.
+    // UpdateItem; delete: PutItem of a tombstone; get after it: nothing
+    // (known absent); get of a key never seen: GetItem.
     let requests = "dynacache_dynamodb_requests_total";
     for (operation, outcome, n) in [
         ("PutItem", "ok", 2.0),

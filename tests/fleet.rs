@@ -1150,3 +1150,33 @@ async fn local_keys_are_invalidated_fleet_wide() {
         assert!(s.metric("dynacache_fleet_invalidations_sent_total").await >= 3.0);
     }
 }
+
+/// A key one member found absent (and remembers as absent, for up to the
+/// hour of `max_local_age` these sidecars run with) is seen at once when
+/// another member creates it: the invalidation removes the negative entry
+/// as it removes a copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_absence_is_invalidated_like_a_value() {
+    let _serial = SERIAL.lock().await;
+    let db = DynamoLocal::shared().await;
+    let setup = Setup::new(&db, true).await;
+    let sidecars = fleet_of(&setup, 2).await;
+    let (a, b) = (&sidecars[0], &sidecars[1]);
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    for _ in 0..3 {
+        assert_eq!(ca.call(b"get fresh-session\r\n").await, "END\r\n");
+    }
+    let negative = a.metric("dynacache_cache_negative_hits_total").await;
+    assert!(negative >= 2.0, "A remembers the absence: {negative}");
+    assert_eq!(
+        cb.call(b"add fresh-session 0 0 2\r\nok\r\n").await,
+        "STORED\r\n"
+    );
+    assert_eq!(
+        ca.call(b"get fresh-session\r\n").await,
+        "VALUE fresh-session 0 2\r\nok\r\nEND\r\n"
+    );
+    // And a delete through B makes A's copy a miss at once, remembered again.
+    assert_eq!(cb.call(b"delete fresh-session\r\n").await, "DELETED\r\n");
+    assert_eq!(ca.call(b"get fresh-session\r\n").await, "END\r\n");
+}

@@ -126,13 +126,13 @@ async fn multi_get_misses_are_batched() {
     assert_eq!(c.call(req.as_bytes()).await, expected);
     assert_eq!(proxy.calls("BatchGetItem"), 3);
 
-    // With 400 KiB items (the default), 10 keys a call.
+    // With 1 MiB items (the default), 4 keys a call.
     let proxy = FaultProxy::start(&db.endpoint).await;
     let server = TestServer::start(via(&proxy, &settings)).await;
     let mut c = server.client().await;
     assert_eq!(c.call(req.as_bytes()).await, expected);
-    assert_eq!(proxy.calls("BatchGetItem"), 25, "250 keys, 10 a call");
-    assert_eq!(proxy.calls("GetItem"), 1, "then the absent one alone");
+    assert_eq!(proxy.calls("BatchGetItem"), 63, "251 keys, 4 a call");
+    assert_eq!(proxy.calls("GetItem"), 0, "the absent one in the last call");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,19 +292,22 @@ async fn outage_answers_promptly_keeps_hits_and_recovers() {
     let mut c = server.client().await;
     assert_eq!(c.call(b"set cached 0 0 1\r\nx\r\n").await, "STORED\r\n");
 
-    for fault in [Fault::Blackhole, Fault::Reset] {
+    for (n, fault) in [Fault::Blackhole, Fault::Reset].into_iter().enumerate() {
         proxy.set_fault(fault);
         assert_eq!(
             c.call(b"get cached\r\n").await,
             "VALUE cached 0 1\r\nx\r\nEND\r\n",
             "{fault:?}: hits served"
         );
+        // A key of each round's own: the last round's delete left its key
+        // known absent (negative caching), which a get then answers.
         for req in [
-            &b"get other\r\n"[..],
-            b"set other 0 0 1\r\ny\r\n",
-            b"delete other\r\n",
-            b"touch other 5\r\n",
+            format!("get other{n}\r\n"),
+            format!("set other{n} 0 0 1\r\ny\r\n"),
+            format!("delete other{n}\r\n"),
+            format!("touch other{n} 5\r\n"),
         ] {
+            let req = req.as_bytes();
             let started = Instant::now();
             let reply = c.call(req).await;
             let took = started.elapsed();
@@ -320,8 +323,10 @@ async fn outage_answers_promptly_keeps_hits_and_recovers() {
         }
         proxy.set_fault(Fault::Pass);
         // Service comes back by itself.
-        assert_eq!(c.call(b"set other 0 0 1\r\ny\r\n").await, "STORED\r\n");
-        assert_eq!(c.call(b"delete other\r\n").await, "DELETED\r\n");
+        let set = format!("set other{n} 0 0 1\r\ny\r\n");
+        assert_eq!(c.call(set.as_bytes()).await, "STORED\r\n");
+        let delete = format!("delete other{n}\r\n");
+        assert_eq!(c.call(delete.as_bytes()).await, "DELETED\r\n");
     }
 }
 
@@ -827,4 +832,53 @@ async fn a_late_write_never_overwrites_an_acknowledged_one() {
             }
         }
     }
+}
+
+/// A key absent from the table costs one DynamoDB read per `max_local_age`,
+/// not one per get (bots with stale session cookies, add-then-get), and a
+/// write through another sidecar is seen within that same bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absent_keys_are_read_once_per_max_local_age() {
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let proxy = FaultProxy::start(&db.endpoint).await;
+    let age = Duration::from_millis(500);
+    let server =
+        TestServer::start_custom(via(&proxy, &settings), 64 << 20, options(age), None).await;
+    let mut c = server.client().await;
+    let reads = proxy.calls("GetItem");
+    let started = Instant::now();
+    for _ in 0..50 {
+        assert_eq!(c.call(b"get stale-cookie\r\n").await, "END\r\n");
+    }
+    // One read per max_local_age that the 50 gets took (one, on loopback).
+    let periods = 1 + (started.elapsed().as_millis() / age.as_millis()) as u64;
+    let made = proxy.calls("GetItem") - reads;
+    assert!(
+        (1..=periods).contains(&made),
+        "{made} reads for 50 gets in {:?}",
+        started.elapsed()
+    );
+    // Created through another sidecar: seen within max_local_age.
+    let other = TestServer::start(settings.clone()).await;
+    let mut o = other.client().await;
+    let created = Instant::now();
+    assert_eq!(
+        o.call(b"set stale-cookie 0 0 1\r\nx\r\n").await,
+        "STORED\r\n"
+    );
+    loop {
+        let reply = c.call(b"get stale-cookie\r\n").await;
+        if reply != "END\r\n" {
+            assert_eq!(reply, "VALUE stale-cookie 0 1\r\nx\r\nEND\r\n");
+            break;
+        }
+        assert!(
+            created.elapsed() < age + Duration::from_millis(500),
+            "still a miss {:?} after the write",
+            created.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(server.stop().await && other.stop().await);
 }

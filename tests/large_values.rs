@@ -328,7 +328,17 @@ async fn large_values_expire_with_their_chunks() {
         c.call(&storage("add", "soon", 0, 0, &again, None)).await,
         "STORED\r\n"
     );
-    get_is(&mut cc, "soon", &again, "added over the expired value").await;
+    get_is(&mut c, "soon", &again, "added over the expired value").await;
+    // (The other sidecars remember it absent for max_local_age: a new one reads it.)
+    let another = TestServer::start(settings.clone()).await;
+    get_is(
+        &mut another.client().await,
+        "soon",
+        &again,
+        "added, read from DynamoDB",
+    )
+    .await;
+    assert!(another.stop().await);
     assert_eq!(chunks_of(&db, &settings, "soon").await.len(), 2);
     for server in [a, cold, fresh] {
         assert!(server.stop().await);

@@ -127,6 +127,7 @@ impl Req {
                     StatsGroup::Detail { dump: true } => " detail dump",
                     StatsGroup::Detail { dump: false } => " detail on",
                     StatsGroup::Cachedump => " cachedump 1 10",
+                    StatsGroup::HotKeys => " hotkeys",
                 };
                 format!("stats{sub}\r\n").into_bytes()
             }
@@ -265,6 +266,7 @@ fn request() -> impl Strategy<Value = Req> {
         Just(StatsGroup::Detail { dump: true }),
         Just(StatsGroup::Detail { dump: false }),
         Just(StatsGroup::Cachedump),
+        Just(StatsGroup::HotKeys),
     ];
     prop_oneof![
         (

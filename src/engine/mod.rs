@@ -33,7 +33,7 @@ use bytes::BytesMut;
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-use crate::cache::ItemCache;
+use crate::cache::{Entry, ItemCache};
 use crate::fleet::{Fleet, LocalCache};
 use crate::hotkeys::HotKeys;
 use crate::metrics::{CommandKind, Counters, Event, Outcome};
@@ -86,6 +86,9 @@ pub struct EngineOptions {
     pub rules: Vec<KeyRule>,
     /// The memory budget of local keys' cache (apart from the cache's).
     pub local_memory_limit: u64,
+    /// Whether a read that finds nothing is remembered (a negative entry,
+    /// for `max_local_age` at most, in the cache's budget).
+    pub negative_caching: bool,
 }
 
 /// What happens to keys that begin with `prefix`.
@@ -127,6 +130,7 @@ impl Default for EngineOptions {
             hot_keys: 32,
             rules: Vec::new(),
             local_memory_limit: 64 << 20,
+            negative_caching: true,
         }
     }
 }
@@ -431,10 +435,40 @@ impl<S: Store> Engine<S> {
     }
 
     fn fill_at(&self, key: &[u8], item: &Item, view: View, now_ms: u64, epoch: u64) {
-        if !(item.is_live(view) && self.observed(key, Some(item))) {
+        if !self.observed(key, Some(item)) {
             self.cache.remove(key);
             return;
         }
+        if !item.is_live(view) {
+            // Expired, a tombstone, or flushed: the key holds nothing live.
+            self.fill_absent(key, now_ms, epoch);
+            return;
+        }
+        let entry = Entry::new(key, &item.value, item.flags, item.expires_at, item.version)
+            .chunks(item.chunks)
+            .filled_at(now_ms);
+        if !self.fill_entry(key, entry, epoch) {
+            self.counters.record(Event::StoreNoMemory);
+        }
+    }
+
+    /// Remembers that the store holds nothing live for `key` (a negative
+    /// entry, read at `now_ms`), if negative caching is on: a get within
+    /// `max_local_age` answers a miss without asking DynamoDB. Any write of
+    /// the key replaces it; in fleet mode a peer's write removes it, as it
+    /// removes any copy. The caller has checked that no write of unknown
+    /// outcome keeps the key in doubt.
+    fn fill_absent(&self, key: &[u8], now_ms: u64, epoch: u64) {
+        if !self.options.negative_caching || self.is_local(key) {
+            self.cache.remove(key);
+            return;
+        }
+        self.fill_entry(key, Entry::absent(key, 0).filled_at(now_ms), epoch);
+    }
+
+    /// Puts `entry` in the cache, unless fleet mode forbids it. Returns
+    /// false when it is larger than a shard's budget (not cached).
+    fn fill_entry(&self, key: &[u8], entry: Entry, epoch: u64) -> bool {
         // Fleet mode: only while coherent, and only from a read or write
         // that began in this coherence epoch (checked again after the
         // insert, which a regain may have raced: its clear comes after).
@@ -443,14 +477,13 @@ impl<S: Store> Engine<S> {
             // Nor may an older copy stay (one filled since by a read that
             // did not see this outcome).
             self.cache.remove(key);
-            return;
+            return true;
         }
-        if !self.cache.insert_item(key, item, now_ms) {
-            self.counters.record(Event::StoreNoMemory);
-        }
+        let cached = self.cache.insert(entry);
         if self.fleet.get().is_some_and(|f| f.epoch() != epoch) {
             self.cache.remove(key);
         }
+        cached
     }
 
     /// Keys of a multi-get looked up and read from the store at a time.

@@ -110,7 +110,11 @@ impl<S: Store> Engine<S> {
         let mut wanted: Vec<&[u8]> = Vec::new();
         for (key, lookup) in lookups.iter() {
             // Local keys are in memory or nowhere: never read from the store.
-            if !matches!(lookup, Lookup::Fresh(_)) && !wanted.contains(key) && !self.is_local(key) {
+            // A negative entry says the store holds nothing: not read either.
+            if !matches!(lookup, Lookup::Fresh(_) | Lookup::Negative)
+                && !wanted.contains(key)
+                && !self.is_local(key)
+            {
                 wanted.push(key);
             }
         }
@@ -143,6 +147,7 @@ impl<S: Store> Engine<S> {
                     self.count_hit(key);
                     Some(Arc::new(item))
                 }
+                (Lookup::Negative, _) => None,
                 (_, _) if self.is_local(key) => {
                     self.counters.record(Event::LocalMisses);
                     None
@@ -199,6 +204,7 @@ impl<S: Store> Engine<S> {
                 self.count_hit(key);
                 Some(item)
             }
+            Lookup::Negative => None,
             _ if self.is_local(key) => {
                 self.counters.record(Event::LocalMisses);
                 None
@@ -320,13 +326,22 @@ impl<S: Store> Engine<S> {
             false => self.options.max_local_age.as_millis() as u64,
         };
         let found = cache.lookup(key, view.now, |entry| {
-            if entry.version() < view.flushed_before {
+            let aged = max > 0 && now_ms.saturating_sub(entry.filled_at_ms()) >= max;
+            if entry.is_absent() {
+                // Known absent, if recently enough; else read again (never
+                // served stale: an old "absent" could be a false miss).
+                if aged {
+                    Found::NegativeAged
+                } else {
+                    Found::Negative
+                }
+            } else if entry.version() < view.flushed_before {
                 // Written before a flush_all that has taken effect.
-                Err(None)
-            } else if max > 0 && now_ms.saturating_sub(entry.filled_at_ms()) >= max {
-                Err(Some(entry.to_item()))
+                Found::Flushed
+            } else if aged {
+                Found::Aged(entry.to_item())
             } else {
-                Ok(serve(entry))
+                Found::Fresh(serve(entry))
             }
         });
         if let Some((fleet, epoch)) = fleet
@@ -341,16 +356,21 @@ impl<S: Store> Engine<S> {
                 self.counters.record(Event::GetExpired);
                 Lookup::Absent
             }
-            Ok(Ok(served)) => Lookup::Fresh(served),
-            Ok(Err(None)) => {
+            Ok(Found::Fresh(served)) => Lookup::Fresh(served),
+            Ok(Found::Flushed) => {
                 cache.remove(key);
                 self.counters.record(Event::GetFlushed);
                 Lookup::Absent
             }
-            Ok(Err(Some(aged))) => {
+            Ok(Found::Aged(aged)) => {
                 self.counters.record(Event::CacheRevalidations);
                 Lookup::Aged(aged)
             }
+            Ok(Found::Negative) => {
+                self.counters.record(Event::CacheNegativeHits);
+                Lookup::Negative
+            }
+            Ok(Found::NegativeAged) => Lookup::Absent,
         }
     }
 
@@ -419,12 +439,13 @@ impl<S: Store> Engine<S> {
                         let key = keys[*i];
                         self.reads.remove_if(key, |_, f| {
                             let ours = Arc::ptr_eq(f, flight);
-                            if ours
-                                && self.observed(key, found.as_ref())
-                                && let Some(item) = &found
-                                && item.is_live(view)
-                            {
-                                self.fill_at(key, item, view, now_ms, epoch);
+                            if ours && self.observed(key, found.as_ref()) {
+                                match &found {
+                                    Some(item) if item.is_live(view) => {
+                                        self.fill_at(key, item, view, now_ms, epoch)
+                                    }
+                                    _ => self.fill_absent(key, now_ms, epoch),
+                                }
                             }
                             ours
                         });
@@ -518,7 +539,19 @@ pub(super) enum Lookup<T = Item> {
     Fresh(T),
     /// Older than `max_local_age`: re-read it, but keep it in case the store fails.
     Aged(Item),
+    /// A negative entry younger than `max_local_age`: the store held
+    /// nothing live for the key; answered as a miss without asking it.
+    Negative,
     Absent,
+}
+
+/// What [`Engine::fresh_with`] found in the cache's entry.
+enum Found<R> {
+    Fresh(R),
+    Flushed,
+    Aged(Item),
+    Negative,
+    NegativeAged,
 }
 
 impl<T> Lookup<T> {
@@ -527,6 +560,7 @@ impl<T> Lookup<T> {
         match self {
             Lookup::Fresh(served) => Ok(served),
             Lookup::Aged(item) => Err(Lookup::Aged(item)),
+            Lookup::Negative => Err(Lookup::Negative),
             Lookup::Absent => Err(Lookup::Absent),
         }
     }

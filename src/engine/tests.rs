@@ -991,3 +991,91 @@ async fn fleet_without_the_leases_a_get_joins_no_read_in_flight() {
     assert_eq!(first.await.unwrap(), "VALUE k 0 2\r\nv1\r\nEND\r\n");
     assert_eq!(later.await.unwrap(), "VALUE k 0 2\r\nv2\r\nEND\r\n");
 }
+
+fn with_age(max_local_age: Duration, negative_caching: bool) -> Engine<MemoryStore> {
+    let options = EngineOptions {
+        max_local_age,
+        negative_caching,
+        ..EngineOptions::default()
+    };
+    Engine::with_options(ItemCache::new(1 << 20, 4), MemoryStore::new(), options)
+}
+
+#[tokio::test]
+async fn a_read_that_finds_nothing_is_remembered_until_a_write() {
+    let e = with_age(Duration::from_secs(3600), true);
+    assert_eq!(run(&e, b"get nope\r\n", NOW).await, "END\r\n");
+    let calls = e.store().calls();
+    for _ in 0..5 {
+        assert_eq!(
+            run(&e, b"get nope\r\nmg nope v\r\n", NOW).await,
+            "END\r\nEN\r\n"
+        );
+    }
+    assert_eq!(e.store().calls(), calls, "answered from the negative entry");
+    assert_eq!(e.counters().get(Event::CacheNegativeHits), 10);
+    // In a multi-get, only the keys not known absent are read.
+    run(&e, b"get nope other\r\n", NOW).await;
+    assert_eq!(e.store().calls(), calls + 1);
+    // Charged like any entry.
+    assert!(e.cache().stats().items >= 2);
+    // A write replaces it: the value is served, from memory.
+    assert_eq!(run(&e, b"set nope 0 0 1\r\nx\r\n", NOW).await, "STORED\r\n");
+    assert_eq!(
+        run(&e, b"get nope\r\n", NOW).await,
+        "VALUE nope 0 1\r\nx\r\nEND\r\n"
+    );
+    // A delete leaves it known absent; so does a refused write.
+    assert_eq!(run(&e, b"delete nope\r\n", NOW).await, "DELETED\r\n");
+    let calls = e.store().calls();
+    assert_eq!(run(&e, b"get nope\r\n", NOW).await, "END\r\n");
+    assert_eq!(
+        run(&e, b"replace never 0 0 1\r\nx\r\n", NOW).await,
+        "NOT_STORED\r\n"
+    );
+    let calls_after_replace = e.store().calls();
+    assert_eq!(run(&e, b"get never\r\n", NOW).await, "END\r\n");
+    assert_eq!(e.store().calls(), calls_after_replace);
+    assert!(calls_after_replace > calls);
+    // `add` is decided by the store, never by a negative entry.
+    assert_eq!(run(&e, b"add nope 0 0 1\r\ny\r\n", NOW).await, "STORED\r\n");
+    assert_eq!(
+        run(&e, b"get nope\r\n", NOW).await,
+        "VALUE nope 0 1\r\ny\r\nEND\r\n"
+    );
+}
+
+#[tokio::test]
+async fn a_negative_entry_lasts_max_local_age_at_most() {
+    let e = with_age(Duration::from_millis(100), true);
+    assert_eq!(run(&e, b"get k\r\n", NOW).await, "END\r\n");
+    // Another writer creates the key behind this engine's back.
+    e.store().insert_raw(b"k", item(b"theirs", 7));
+    assert_eq!(
+        run(&e, b"get k\r\n", NOW).await,
+        "END\r\n",
+        "within the bound"
+    );
+    // Waiting out the bound itself (100 ms of real time: the engine's clock).
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        run(&e, b"get k\r\n", NOW).await,
+        "VALUE k 0 6\r\ntheirs\r\nEND\r\n"
+    );
+    // During an outage an aged negative entry is an error, never a miss.
+    run(&e, b"get gone\r\n", NOW).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    e.store().set_failing(true);
+    let reply = run(&e, b"get gone\r\n", NOW).await;
+    assert!(reply.starts_with("SERVER_ERROR "), "{reply}");
+}
+
+#[tokio::test]
+async fn negative_caching_can_be_turned_off() {
+    let e = with_age(Duration::from_secs(3600), false);
+    run(&e, b"get nope\r\n", NOW).await;
+    let calls = e.store().calls();
+    run(&e, b"get nope\r\nget nope\r\n", NOW).await;
+    assert_eq!(e.store().calls(), calls + 2, "every miss reads");
+    assert_eq!(e.cache().stats().items, 0);
+}

@@ -213,6 +213,10 @@ impl<S: Store> Engine<S> {
             (Ok(Done::Written(item)), _) | (Ok(Done::Refused(_, Some(item))), _) => {
                 self.fill(key, item, view, epoch)
             }
+            // Refused on a key DynamoDB holds nothing for.
+            (Ok(Done::Refused(_, None)), _) if self.observed(key, None) => {
+                self.fill_absent(key, self.now_ms(), epoch)
+            }
             _ => {
                 self.cache.remove(key);
             }
