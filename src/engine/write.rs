@@ -175,8 +175,8 @@ impl<S: Store> Engine<S> {
         if self.is_local(key) {
             // Memory only: decided on what this sidecar holds, as memcached
             // decides it, then told to the peers like any write.
+            // The key stays locked until the peers have heard, as for any write.
             let result = Ok(self.write_local(key, op, view));
-            drop(lock);
             let result = match fleet {
                 None => result,
                 Some(fleet) => self.tell_fleet(fleet, key, op, result).await,

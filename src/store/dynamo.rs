@@ -502,17 +502,8 @@ impl DynamoStore {
                 s.flags_attribute.clone(),
                 AttributeValue::N(item.flags.to_string()),
             ),
-            (
-                s.version_attribute.clone(),
-                AttributeValue::N(item.version.to_string()),
-            ),
         ]);
-        if item.expires_at != 0 {
-            attrs.insert(
-                s.expiry_attribute.clone(),
-                AttributeValue::N(item.expires_at.to_string()),
-            );
-        }
+        self.stamp(&mut attrs, item);
         if chunks > 0 {
             attrs.insert(
                 CHUNKS_ATTRIBUTE.to_string(),
@@ -520,6 +511,21 @@ impl DynamoStore {
             );
         }
         Ok(attrs)
+    }
+
+    /// Adds `item`'s version and expiry (none: never) to an item's attributes.
+    fn stamp(&self, attrs: &mut HashMap<String, AttributeValue>, item: &Item) {
+        let s = &self.settings;
+        attrs.insert(
+            s.version_attribute.clone(),
+            AttributeValue::N(item.version.to_string()),
+        );
+        if item.expires_at != 0 {
+            attrs.insert(
+                s.expiry_attribute.clone(),
+                AttributeValue::N(item.expires_at.to_string()),
+            );
+        }
     }
 
     /// The key attribute of `key`'s chunk `i`.
@@ -1109,21 +1115,14 @@ impl Store for DynamoStore {
                         .build(),
                 ];
                 for (i, part) in (1..).zip(encoded.chunks) {
+                    // A chunk carries the head's version (readers check
+                    // it) and expiry (the table's TTL removes it with the head).
                     let mut attrs = self.chunk_key_value(key, i)?;
                     attrs.insert(
                         s.value_attribute.clone(),
                         AttributeValue::B(Blob::new(part)),
                     );
-                    attrs.insert(
-                        s.version_attribute.clone(),
-                        AttributeValue::N(item.version.to_string()),
-                    );
-                    if item.expires_at != 0 {
-                        attrs.insert(
-                            s.expiry_attribute.clone(),
-                            AttributeValue::N(item.expires_at.to_string()),
-                        );
-                    }
+                    self.stamp(&mut attrs, item);
                     let put = Put::builder()
                         .table_name(&s.table)
                         .set_item(Some(attrs))
