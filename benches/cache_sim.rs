@@ -4,10 +4,17 @@
 //! Replays traces of gets and sets (a get that misses fills the cache, as
 //! dynacache's engine does after its DynamoDB read; a set replaces the entry,
 //! as the engine's write path does) through:
-//! - `exact-lru`: the product's `ItemCache` with one shard (an exact LRU);
-//! - `dynacache/16`: `ItemCache` with 16 shards, as the product runs it;
-//! - simulated policies (here only, not in the product): `lru`, `sieve`,
-//!   `clock`, `clock-2bit`, `s3-fifo` and its variants, `w-tinylfu`;
+//! - `exact-lru`: exact LRU (the simulated `lru@none`: an expired entry
+//!   goes when a get finds it or when it is the least recently used), what
+//!   `ItemCache` was until S3-FIFO replaced it (at commit 51df7d9 the
+//!   self-check held the two to the same answers, request by request);
+//! - `dynacache`: the product's `ItemCache` with one shard (S3-FIFO with a
+//!   1-bit counter, writes of keys not cached entering main, expired
+//!   entries reclaimed at the queues' ends and by a 2-slot sweep: the
+//!   self-check holds it to `s3-fifo-wm-c1@sweep2` request by request);
+//!   `dynacache/16`: `ItemCache` with 16 shards, as the product runs it;
+//! - simulated policies: `lru`, `sieve`, `clock`, `clock-2bit`, `s3-fifo`
+//!   and its variants, `w-tinylfu`;
 //!   `NAME/N` runs N shards of it, each with 1/N of the budget, keys spread
 //!   by hash. S3-FIFO's variants ([`PolicySpec::parse`]): `-c1` a 1-bit
 //!   counter instead of 2, `-wm` a set of a key not cached enters main
@@ -50,26 +57,33 @@
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use clap::Parser;
 use hashbrown::HashMap;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
-use rand_distr::{Distribution, Exp, Geometric, Zipf};
+use rand_distr::{Distribution, Exp, Geometric};
 
-use dynacache::cache::{Entry, ItemCache, entry_charge};
+use dynacache::cache::{Entry, Fill, ItemCache, entry_charge};
+
+/// The traces' requests and generators, shared with tests/hit_ratio.rs.
+#[path = "../tests/common/trace.rs"]
+pub(crate) mod trace;
+use trace::{
+    EPOCH, Req, generic_sizes, get_req, key_bytes, lognormal_of, mix64, unit, zipf_gets, zipf_ranks,
+};
 
 /// The binary's allocator, so `--memory` measures what production uses.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const DEFAULT_POLICIES: &str = "exact-lru,dynacache/16,sieve,clock,clock-2bit,s3-fifo,s3-fifo-c1,\
+const DEFAULT_POLICIES: &str = "exact-lru,lru/16,dynacache,dynacache/16,sieve,clock,clock-2bit,s3-fifo,s3-fifo-c1,\
 s3-fifo-wm,s3-fifo-wm-c1,s3-fifo-wm-c1/16,s3-fifo-hc,s3-fifo-ng,w-tinylfu,w-tinylfu-hc";
 const DEFAULT_TRACES: &str = "zipf-0.6,zipf-0.8,zipf-0.99,zipf-1.2,scan,session,twitter-c52";
-const DEFAULT_RECLAIM: &str = "exact-lru,lru@sweep2,sieve@none,sieve@sweep2,s3-fifo@none,\
+const DEFAULT_RECLAIM: &str = "exact-lru,dynacache,lru@sweep2,sieve@none,sieve@sweep2,s3-fifo@none,\
 s3-fifo@tail,s3-fifo@sweep2,s3-fifo-wm-c1@none,s3-fifo-wm-c1@tail,s3-fifo-wm-c1@sweep2,\
 s3-fifo-wm-c1@sweep8,w-tinylfu@none,w-tinylfu@sweep2";
 
@@ -482,29 +496,6 @@ fn key_of(i: u64) -> [u8; 16] {
 
 // ---------------------------------------------------------------- traces
 
-/// Seconds added to every trace time, so that no expiry is 0 ("never").
-const EPOCH: u32 = 1_000_000;
-
-/// One request. Sizes travel with it (a key's sizes never change).
-#[derive(Debug, Clone, Copy)]
-struct Req {
-    key: u64,
-    /// Unix seconds.
-    time: u32,
-    /// The item's expiry as the store holds it after this request (for a
-    /// get, what a fill would copy); 0 = never.
-    expires_at: u32,
-    value_len: u32,
-    key_len: u8,
-    set: bool,
-}
-
-impl Req {
-    fn charge(&self) -> u64 {
-        entry_charge(usize::from(self.key_len) + self.value_len as usize) as u64
-    }
-}
-
 struct Trace {
     name: String,
     /// How it was made, for the log.
@@ -571,61 +562,12 @@ impl Trace {
     }
 }
 
-/// Sizes of the Zipf and scan traces' keys: key length uniform in 16..=60
-/// bytes, value length log-normal (median 100 bytes, sigma 1.0: mean 165,
-/// a tenth under 28 bytes, a tenth over 360), within 1..=16384.
-fn generic_sizes(key: u64) -> (u8, u32) {
-    let key_len = 16 + (mix64(key ^ 0x5EED) % 45) as u8;
-    (key_len, lognormal_of(key, 100f64.ln(), 1.0, 16_384))
-}
-
-/// A log-normal length drawn deterministically from `key` (Box-Muller on
-/// two uniforms hashed from it), within 1..=cap.
-fn lognormal_of(key: u64, mu: f64, sigma: f64, cap: u32) -> u32 {
-    let u1 = unit(mix64(key ^ 0xA5A5_0001)).max(1e-12);
-    let u2 = unit(mix64(key ^ 0xA5A5_0002));
-    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-    ((mu + sigma * z).exp().round() as u32).clamp(1, cap)
-}
-
-/// [0, 1) from a hash.
-fn unit(h: u64) -> f64 {
-    (h >> 11) as f64 / (1u64 << 53) as f64
-}
-
-fn zipf_ranks(keys: u64, s: f64, rng: &mut SmallRng) -> impl FnMut() -> u64 {
-    let zipf = Zipf::new(keys as f64, s).expect("zipf parameters");
-    move || {
-        // Ranks spread over the key space.
-        (zipf.sample(rng) as u64 - 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) % keys
-    }
-}
-
-fn get_req(key: u64, time: u32, sizes: (u8, u32)) -> Req {
-    Req {
-        key,
-        time,
-        expires_at: 0,
-        value_len: sizes.1,
-        key_len: sizes.0,
-        set: false,
-    }
-}
-
 /// Gets only, Zipf(s) popularity over `keys` keys (independent requests).
 fn zipf_trace(name: &str, keys: u64, requests: usize, s: f64, seed: u64) -> Trace {
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let mut next = zipf_ranks(keys, s, &mut rng);
-    let reqs = (0..requests)
-        .map(|_| {
-            let k = next();
-            get_req(k, EPOCH, generic_sizes(k))
-        })
-        .collect();
     Trace {
         name: name.to_string(),
         about: format!("Zipf s={s} over {keys} keys, gets only, sizes as generic_sizes"),
-        reqs,
+        reqs: zipf_gets(keys, requests, s, seed),
     }
 }
 
@@ -826,16 +768,16 @@ fn twitter_c52_trace(requests: usize, seed: u64) -> Trace {
 // ---------------------------------------------------------------- replay
 
 #[derive(Debug, Clone, Copy, Default)]
-struct Outcome {
-    budget: u64,
-    gets_all: u64,
-    misses_all: u64,
-    gets: u64,
-    misses: u64,
-    meta_bytes: u64,
-    evicted_capacity: u64,
-    evicted_expired: u64,
-    expired_on_get: u64,
+pub(crate) struct Outcome {
+    pub(crate) budget: u64,
+    pub(crate) gets_all: u64,
+    pub(crate) misses_all: u64,
+    pub(crate) gets: u64,
+    pub(crate) misses: u64,
+    pub(crate) meta_bytes: u64,
+    pub(crate) evicted_capacity: u64,
+    pub(crate) evicted_expired: u64,
+    pub(crate) expired_on_get: u64,
 }
 
 impl Outcome {
@@ -844,7 +786,7 @@ impl Outcome {
     }
 }
 
-fn replay(reqs: &[Req], warm: usize, policy: &mut dyn Policy, budget: u64) -> Outcome {
+pub(crate) fn replay(reqs: &[Req], warm: usize, policy: &mut dyn Policy, budget: u64) -> Outcome {
     let mut out = Outcome {
         budget,
         ..Outcome::default()
@@ -871,7 +813,7 @@ fn replay(reqs: &[Req], warm: usize, policy: &mut dyn Policy, budget: u64) -> Ou
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Counters {
+pub(crate) struct Counters {
     /// Bytes charged now: entries and metadata.
     charged: u64,
     /// Of which metadata (ghosts, sketch).
@@ -885,7 +827,7 @@ struct Counters {
 }
 
 /// A cache under test.
-trait Policy: Send {
+pub(crate) trait Policy: Send {
     /// A get at `r.time`: true on a hit; on a miss the entry is filled as
     /// the store holds it.
     fn get(&mut self, r: &Req) -> bool;
@@ -940,7 +882,7 @@ enum Kind {
     WTinyLfu(f64),
 }
 
-struct PolicySpec {
+pub(crate) struct PolicySpec {
     kind: Kind,
     shards: usize,
     reclaim: Reclaim,
@@ -952,7 +894,7 @@ impl PolicySpec {
     /// any of -sPCT (small queue share, default 10), -tN (hits in small to
     /// move to main, default 1), -cN (frequency cap, default 3), -gPCT
     /// (ghosts as a share of main's entries, default 100), -ng (no ghosts).
-    fn parse(spec: &str, default_reclaim: &str) -> Result<PolicySpec, String> {
+    pub(crate) fn parse(spec: &str, default_reclaim: &str) -> Result<PolicySpec, String> {
         let (rest, reclaim) = match spec.split_once('@') {
             Some((r, rec)) => (r, rec),
             None => (spec, default_reclaim),
@@ -967,7 +909,7 @@ impl PolicySpec {
         };
         let bad = || format!("unknown policy {spec}");
         let kind = match name {
-            "exact-lru" if shards == 1 => Kind::Product,
+            "exact-lru" if shards == 1 && !spec.contains('@') => Kind::Lru,
             "dynacache" => Kind::Product,
             "lru" => Kind::Lru,
             "sieve" => Kind::Sieve,
@@ -1011,10 +953,14 @@ impl PolicySpec {
             }
             _ => return Err(bad()),
         };
-        let reclaim = Reclaim::parse(reclaim)?;
+        let reclaim = if name == "exact-lru" {
+            Reclaim::None
+        } else {
+            Reclaim::parse(reclaim)?
+        };
         if kind == Kind::Product && spec.contains('@') {
             return Err(format!(
-                "{spec}: the product's cache reclaims only on access"
+                "{spec}: the product's cache reclaims as it does (tail and sweep2)"
             ));
         }
         Ok(PolicySpec {
@@ -1025,7 +971,25 @@ impl PolicySpec {
     }
 
     /// A cache of `budget` bytes; `mean_charge` sizes W-TinyLFU's sketch.
-    fn build(&self, budget: u64, mean_charge: u64) -> Box<dyn Policy> {
+    pub(crate) fn build(&self, budget: u64, mean_charge: u64) -> Box<dyn Policy> {
+        self.build_salted(budget, mean_charge, 0x5AAD)
+    }
+
+    /// [`PolicySpec::build`], keys spread over shards by a hash salted with
+    /// `salt` (another salt, another draw of which keys share a shard).
+    pub(crate) fn build_salted(&self, budget: u64, mean_charge: u64, salt: u64) -> Box<dyn Policy> {
+        self.build_routed(budget, mean_charge, Route::Salted(salt))
+    }
+
+    /// [`PolicySpec::build`], key ids sent to shards by `route` (which must
+    /// answer below the shard count): to predict a cache whose shard of
+    /// each key is known.
+    pub(crate) fn build_routed(
+        &self,
+        budget: u64,
+        mean_charge: u64,
+        route: Route,
+    ) -> Box<dyn Policy> {
         if self.kind == Kind::Product {
             return Box::new(Product::new(budget, self.shards));
         }
@@ -1037,6 +1001,7 @@ impl PolicySpec {
             shards: (0..self.shards)
                 .map(|_| self.build_one(per, mean_charge))
                 .collect(),
+            route,
         })
     }
 
@@ -1081,20 +1046,6 @@ impl Product {
     }
 }
 
-/// `len` (16..=64) bytes naming `id` (below 2^60): "k", then the id in hex
-/// padded with zeros.
-fn key_bytes(id: u64, len: u8) -> [u8; 64] {
-    let mut key = [b'0'; 64];
-    key[0] = b'k';
-    let mut n = id;
-    for b in key[1..usize::from(len).clamp(16, 64)].iter_mut().rev() {
-        *b = b"0123456789abcdef"[(n & 15) as usize];
-        n >>= 4;
-    }
-    debug_assert_eq!(n, 0, "key ids fit in 60 bits");
-    key
-}
-
 impl Policy for Product {
     fn get(&mut self, r: &Req) -> bool {
         let key = key_bytes(r.key, r.key_len);
@@ -1105,22 +1056,23 @@ impl Policy for Product {
         {
             return true;
         }
-        self.cache.insert(self.entry(r));
+        self.cache.insert_at(self.entry(r), Fill::Read, r.time);
         false
     }
 
     fn set(&mut self, r: &Req) {
-        self.cache.insert(self.entry(r));
+        self.cache.insert_at(self.entry(r), Fill::Write, r.time);
     }
 
     fn counters(&self) -> Counters {
+        // Ghosts are charged in `bytes`; the stats do not tell them apart.
         let s = self.cache.stats();
         Counters {
             charged: s.bytes,
             meta_bytes: 0,
             evicted_capacity: s.evictions,
-            evicted_expired: 0,
-            expired_on_get: s.expirations,
+            evicted_expired: s.evictions_expired,
+            expired_on_get: s.expirations - s.evictions_expired,
         }
     }
 }
@@ -1128,12 +1080,26 @@ impl Policy for Product {
 /// N independent caches, keys spread by hash.
 struct Sharded {
     shards: Vec<Box<dyn Policy>>,
+    route: Route,
+}
+
+/// Which shard of a [`Sharded`] cache holds a key id.
+#[derive(Clone)]
+pub(crate) enum Route {
+    /// By a hash of the id salted with this.
+    Salted(u64),
+    /// As this says.
+    Given(Arc<dyn Fn(u64) -> usize + Send + Sync>),
 }
 
 impl Sharded {
     fn shard(&mut self, key: u64) -> &mut dyn Policy {
         let n = self.shards.len() as u64;
-        self.shards[((mix64(key ^ 0x5AAD) >> 32) % n) as usize].as_mut()
+        let i = match &self.route {
+            Route::Salted(salt) => ((mix64(key ^ salt) >> 32) % n) as usize,
+            Route::Given(route) => route(key),
+        };
+        self.shards[i].as_mut()
     }
 }
 
@@ -1161,15 +1127,6 @@ impl Policy for Sharded {
 }
 
 // ---------------------------------------------------------------- the arena
-
-/// fmix64 of MurmurHash3: spreads a key id over 64 bits.
-fn mix64(mut x: u64) -> u64 {
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    x ^ (x >> 33)
-}
 
 #[derive(Default)]
 struct KeyHasher(u64);
@@ -1416,6 +1373,11 @@ trait Evictor {
     /// a set replaces (just removed), None for a fill or a new key.
     fn admit(&mut self, r: &Req, prior: Option<(u8, u8)>);
 
+    /// Whether an entry of `charge` bytes may be stored at all.
+    fn admits(&self, charge: u64) -> bool {
+        charge + self.meta_bytes() <= self.budget()
+    }
+
     /// Before evicting live entries for `need` more bytes: the sweep.
     fn sweep_for(&mut self, need: u64, now: u32) {
         let k = self.reclaim().sweep();
@@ -1450,7 +1412,7 @@ impl<E: Evictor + Send> Policy for Cached<E> {
             e.arena().counters.expired_on_get += 1;
         }
         e.observe(false);
-        if r.charge() + e.meta_bytes() <= e.budget() {
+        if e.admits(r.charge()) {
             e.admit(r, None);
         }
         false
@@ -1466,7 +1428,7 @@ impl<E: Evictor + Send> Policy for Cached<E> {
             }
             e.drop_entry(idx);
         }
-        if r.charge() + e.meta_bytes() <= e.budget() {
+        if e.admits(r.charge()) {
             e.admit(r, prior);
         }
     }
@@ -1889,6 +1851,12 @@ impl Evictor for S3Fifo {
     fn reclaim(&self) -> Reclaim {
         self.reclaim
     }
+    /// As the product: an entry that fits the budget alone is stored, the
+    /// ghosts making way (see `admit`).
+    fn admits(&self, charge: u64) -> bool {
+        charge <= self.budget
+    }
+
     fn meta_bytes(&self) -> u64 {
         if self.params.charge_ghosts {
             self.ghost.bytes()
@@ -2213,6 +2181,7 @@ fn self_check() {
     let cycle: Vec<u64> = (0..10).cycle().take(1000).collect();
     for spec in [
         "exact-lru",
+        "dynacache",
         "lru",
         "sieve",
         "s3-fifo",
@@ -2347,8 +2316,12 @@ fn self_check() {
     }
     assert!((0.01..=0.9).contains(&climb.share));
 
-    // The product's exact LRU and the simulated one agree request by request
-    // on variable sizes, sets and TTLs; sharding by 1 changes nothing.
+    // The product (one shard) and the simulated policy it implements,
+    // s3-fifo-wm-c1@sweep2, agree request by request on variable sizes,
+    // sets and TTLs: hits, bytes charged (ghosts included) and every
+    // counter. (The product's ghosts are keyed by a 64-bit hash of the key,
+    // the simulator's by the key: they differ only if two keys' hashes
+    // collide.) exact-lru and lru/1@none agree too.
     let mut rng = SmallRng::seed_from_u64(3);
     let mut next = zipf_ranks(3000, 0.9, &mut rng);
     let mut lcg = SmallRng::seed_from_u64(4);
@@ -2373,31 +2346,77 @@ fn self_check() {
         .collect();
     let budget = 120_000;
     let mut product = Product::new(budget, 1);
-    let mut lru = Cached(Lru::new(budget, Reclaim::None));
+    let spec = PolicySpec::parse("s3-fifo-wm-c1", "tail").expect("spec");
+    let Kind::S3(params) = spec.kind else {
+        panic!("s3-fifo-wm-c1 is S3-FIFO")
+    };
+    let mut s3 = Cached(S3Fifo::new(budget, params, Reclaim::Sweep(2)));
+    let mut lru = PolicySpec::parse("exact-lru", "tail")
+        .expect("spec")
+        .build(budget, 1);
     let mut sharded = PolicySpec::parse("lru/1@none", "tail")
         .expect("spec")
         .build(budget, 1);
+    let mut ghosts_charged = 0;
     for (i, r) in trace.iter().enumerate() {
         if r.set {
             product.set(r);
+            s3.set(r);
             lru.set(r);
             sharded.set(r);
         } else {
-            let (a, b, s) = (product.get(r), lru.get(r), sharded.get(r));
-            assert!(
-                a == b && b == s,
-                "request {i}: product {a}, lru {b}, lru/1 {s}"
-            );
+            let (a, b) = (product.get(r), s3.get(r));
+            assert_eq!(a, b, "request {i}: product {a}, s3-fifo-wm-c1@sweep2 {b}");
+            let (l, s) = (lru.get(r), sharded.get(r));
+            assert_eq!(l, s, "request {i}: exact-lru {l}, lru/1@none {s}");
         }
+        let (p, c) = (product.counters(), s3.counters());
         assert_eq!(
-            product.counters().charged,
-            lru.counters().charged,
+            (
+                p.charged,
+                p.evicted_capacity,
+                p.evicted_expired,
+                p.expired_on_get
+            ),
+            (
+                c.charged,
+                c.evicted_capacity,
+                c.evicted_expired,
+                c.expired_on_get
+            ),
             "request {i}"
         );
+        ghosts_charged = ghosts_charged.max(c.meta_bytes);
+        assert_eq!(lru.counters(), sharded.counters(), "request {i}");
     }
+    let seen = product.counters();
+    assert!(
+        seen.evicted_capacity > 0
+            && seen.evicted_expired > 0
+            && seen.expired_on_get > 0
+            && ghosts_charged > 0,
+        "the comparison saw every path: {seen:?}, ghosts {ghosts_charged}"
+    );
+
+    // A route given as a function (tests/hit_ratio.rs gives the product's
+    // own) spreads keys as told: the default hash, given, changes nothing.
+    let spec = PolicySpec::parse("s3-fifo-wm-c1/4", "sweep2").expect("spec");
+    let mut salted = spec.build(budget, 1);
+    let given = Route::Given(Arc::new(|k| ((mix64(k ^ 0x5AAD) >> 32) % 4) as usize));
+    let mut routed = spec.build_routed(budget, 1, given);
+    let (a, b) = (
+        replay(&trace, 0, salted.as_mut(), budget),
+        replay(&trace, 0, routed.as_mut(), budget),
+    );
+    assert_eq!(
+        (a.misses_all, a.evicted_capacity),
+        (b.misses_all, b.evicted_capacity)
+    );
 
     // Every policy stays within its budget, metadata included, at every step.
     for spec in [
+        "dynacache",
+        "dynacache/4",
         "lru@sweep2",
         "sieve@sweep2",
         "sieve@none",
@@ -2441,6 +2460,7 @@ fn self_check() {
         ("s3-fifo@tail", 0),
         ("s3-fifo@sweep2", 0),
         ("s3-fifo-wm-c1@sweep2", 0),
+        ("dynacache", 0),
         ("w-tinylfu@sweep2", 0),
         ("sieve@none", 4),
     ] {

@@ -491,7 +491,7 @@ impl Counters {
                 }
             }
         }
-        let gauges: [(&str, &str, &str, u64); 7] = [
+        let gauges: [(&str, &str, &str, u64); 6] = [
             (
                 CONNECTIONS,
                 "gauge",
@@ -518,21 +518,27 @@ impl Counters {
                 cache.limit_bytes,
             ),
             (
-                CACHE_EVICTIONS,
-                "counter",
-                "Entries evicted to stay within the memory budget.",
-                cache.evictions,
-            ),
-            (
                 CACHE_EXPIRATIONS,
                 "counter",
-                "Expired entries dropped from memory.",
-                cache.expirations,
+                "Expired entries a get found in memory and dropped (those reclaimed for room count in dynacache_cache_evictions_total{reason=\"expired\"}).",
+                cache.expirations.saturating_sub(cache.evictions_expired),
             ),
         ];
         for (name, kind, help, value) in gauges {
             family(out, name, kind, help);
             let _ = writeln!(out, "{name} {value}");
+        }
+        family(
+            out,
+            CACHE_EVICTIONS,
+            "counter",
+            "Entries evicted to stay within the memory budget, by reason: capacity (a live entry), expired (an expired entry reclaimed before a live one would have been).",
+        );
+        for (reason, n) in [
+            ("capacity", cache.evictions),
+            ("expired", cache.evictions_expired),
+        ] {
+            let _ = writeln!(out, "{CACHE_EVICTIONS}{{reason=\"{reason}\"}} {n}");
         }
         family(
             out,

@@ -159,7 +159,7 @@ impl<S: Store> Engine<S> {
                 stat("bytes", &cache.bytes);
                 stat("curr_items", &cache.items);
                 stat("evictions", &cache.evictions);
-                stat("reclaimed", &cache.expirations);
+                stat("reclaimed", &cache.evictions_expired);
                 stat("cmd_meta", &0);
             }
             StatsGroup::Settings => {
@@ -182,7 +182,7 @@ impl<S: Store> Engine<S> {
                 // One pseudo slab class: the cache has no slabs.
                 stat("items:1:number", &cache.items);
                 stat("items:1:evicted", &cache.evictions);
-                stat("items:1:reclaimed", &cache.expirations);
+                stat("items:1:reclaimed", &cache.evictions_expired);
                 stat("items:1:outofmemory", &0);
             }
             StatsGroup::Slabs => {
