@@ -33,7 +33,7 @@ use bytes::BytesMut;
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-use crate::cache::{Entry, ItemCache};
+use crate::cache::{Entry, Fill, ItemCache};
 use crate::fleet::{Fleet, LocalCache};
 use crate::hotkeys::HotKeys;
 use crate::metrics::{CommandKind, Counters, Event, Outcome};
@@ -428,26 +428,28 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    /// Caches what the store just confirmed it holds; an item that is not
-    /// live instead removes any cached copy.
+    /// Caches what a write just made the store hold (a key the application
+    /// writes starts in the cache's main queue, [`Fill::Write`]); an item
+    /// that is not live leaves the key known absent.
     fn fill(&self, key: &[u8], item: &Item, view: View, epoch: u64) {
-        self.fill_at(key, item, view, self.now_ms(), epoch);
+        self.fill_at(key, item, view, self.now_ms(), epoch, Fill::Write);
     }
 
-    fn fill_at(&self, key: &[u8], item: &Item, view: View, now_ms: u64, epoch: u64) {
+    /// Caches `item`, read or written at `now_ms` (see [`Engine::fill`]).
+    fn fill_at(&self, key: &[u8], item: &Item, view: View, now_ms: u64, epoch: u64, how: Fill) {
         if !self.observed(key, Some(item)) {
             self.cache.remove(key);
             return;
         }
         if !item.is_live(view) {
             // Expired, a tombstone, or flushed: the key holds nothing live.
-            self.fill_absent(key, now_ms, epoch);
+            self.fill_absent(key, view, now_ms, epoch, how);
             return;
         }
         let entry = Entry::new(key, &item.value, item.flags, item.expires_at, item.version)
             .chunks(item.chunks)
             .filled_at(now_ms);
-        if !self.fill_entry(key, entry, epoch) {
+        if !self.fill_entry(key, entry, view, epoch, how) {
             self.counters.record(Event::StoreNoMemory);
         }
     }
@@ -458,17 +460,18 @@ impl<S: Store> Engine<S> {
     /// the key replaces it; in fleet mode a peer's write removes it, as it
     /// removes any copy. The caller has checked that no write of unknown
     /// outcome keeps the key in doubt.
-    fn fill_absent(&self, key: &[u8], now_ms: u64, epoch: u64) {
+    fn fill_absent(&self, key: &[u8], view: View, now_ms: u64, epoch: u64, how: Fill) {
         if !self.options.negative_caching || self.is_local(key) {
             self.cache.remove(key);
             return;
         }
-        self.fill_entry(key, Entry::absent(key, 0).filled_at(now_ms), epoch);
+        let entry = Entry::absent(key, 0).filled_at(now_ms);
+        self.fill_entry(key, entry, view, epoch, how);
     }
 
     /// Puts `entry` in the cache, unless fleet mode forbids it. Returns
     /// false when it is larger than a shard's budget (not cached).
-    fn fill_entry(&self, key: &[u8], entry: Entry, epoch: u64) -> bool {
+    fn fill_entry(&self, key: &[u8], entry: Entry, view: View, epoch: u64, how: Fill) -> bool {
         // Fleet mode: only while coherent, and only from a read or write
         // that began in this coherence epoch (checked again after the
         // insert, which a regain may have raced: its clear comes after).
@@ -479,7 +482,7 @@ impl<S: Store> Engine<S> {
             self.cache.remove(key);
             return true;
         }
-        let cached = self.cache.insert(entry);
+        let cached = self.cache.insert_at(entry, how, view.now);
         if self.fleet.get().is_some_and(|f| f.epoch() != epoch) {
             self.cache.remove(key);
         }

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use super::write::{Done, Op};
 use super::{Engine, REPLY_HEAD, error_reply, expiry, value_reply};
-use crate::cache::{EntryRef, Miss};
+use crate::cache::{EntryRef, Fill, Miss};
 use crate::metrics::{Event, Outcome};
 use crate::output::Output;
 use crate::protocol::{Keys, Reply};
@@ -442,9 +442,9 @@ impl<S: Store> Engine<S> {
                             if ours && self.observed(key, found.as_ref()) {
                                 match &found {
                                     Some(item) if item.is_live(view) => {
-                                        self.fill_at(key, item, view, now_ms, epoch)
+                                        self.fill_at(key, item, view, now_ms, epoch, Fill::Read)
                                     }
-                                    _ => self.fill_absent(key, now_ms, epoch),
+                                    _ => self.fill_absent(key, view, now_ms, epoch, Fill::Read),
                                 }
                             }
                             ours

@@ -1079,3 +1079,25 @@ async fn negative_caching_can_be_turned_off() {
     assert_eq!(e.store().calls(), calls + 2, "every miss reads");
     assert_eq!(e.cache().stats().items, 0);
 }
+
+#[tokio::test]
+async fn a_written_key_outlasts_keys_read_once() {
+    // One shard with room for a few dozen small entries.
+    let e = Engine::new(ItemCache::new(4096, 1), MemoryStore::new());
+    assert_eq!(
+        run(&e, b"set session 0 0 5\r\nalice\r\n", NOW).await,
+        "STORED\r\n"
+    );
+    // A crawler's misses: each read once (remembered absent), never again.
+    for i in 0..200 {
+        run(&e, format!("get bot{i}\r\n").as_bytes(), NOW).await;
+    }
+    // The written key started in the main queue: the one-hit reads passed
+    // through the small one without displacing it.
+    let calls = e.store().calls();
+    assert_eq!(
+        run(&e, b"get session\r\n", NOW).await,
+        "VALUE session 0 5\r\nalice\r\nEND\r\n"
+    );
+    assert_eq!(e.store().calls(), calls, "still in memory");
+}

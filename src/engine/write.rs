@@ -215,7 +215,7 @@ impl<S: Store> Engine<S> {
             }
             // Refused on a key DynamoDB holds nothing for.
             (Ok(Done::Refused(_, None)), _) if self.observed(key, None) => {
-                self.fill_absent(key, self.now_ms(), epoch)
+                self.fill_absent(key, view, self.now_ms(), epoch, crate::cache::Fill::Write)
             }
             _ => {
                 self.cache.remove(key);
@@ -247,7 +247,7 @@ impl<S: Store> Engine<S> {
             Ok((_, new)) => {
                 self.counters.record(Event::LocalWrites);
                 if new.is_live(view) {
-                    if !local.insert_item(key, &new, self.now_ms()) {
+                    if !local.insert_written(key, &new, self.now_ms()) {
                         self.counters.record(Event::StoreNoMemory);
                     }
                 } else {
