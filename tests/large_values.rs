@@ -194,6 +194,19 @@ async fn million_byte_values_work_with_every_command() {
         );
         get_is(&mut cb, &key, &replacement, "after cas").await;
 
+        // An append or prepend that would grow it past item_size_max (1 MiB)
+        // is not stored, as memcached answers, and the value stays whole
+        // (a compressible value must not grow without bound in one item).
+        let past = vec![b'x'; 60_000];
+        for (command, c) in [("append", &mut ca), ("prepend", &mut cb)] {
+            assert_eq!(
+                c.call(&storage(command, &key, 0, 0, &past, None)).await,
+                "NOT_STORED\r\n",
+                "{command} past item_size_max"
+            );
+        }
+        get_is(&mut cb, &key, &replacement, "after refused appends").await;
+
         // touch: the head and every chunk take the new expiry.
         assert_eq!(
             ca.call(format!("touch {key} 3600\r\n").as_bytes()).await,

@@ -243,7 +243,7 @@ impl<S: Store> Engine<S> {
             .map_or(0, |i| i.version)
             .max(view.flushed_before);
         let version = self.versions.next_after(floor);
-        match decide(op, current.as_ref(), view, version) {
+        match decide(op, current.as_ref(), view, version, self.value_max(key)) {
             Ok((_, new)) => {
                 self.counters.record(Event::LocalWrites);
                 if new.is_live(view) {
@@ -258,6 +258,13 @@ impl<S: Store> Engine<S> {
             }
             Err(refusal) => Done::Refused(refusal, current),
         }
+    }
+
+    /// The longest value `key` may hold: what the parser allows a `set`.
+    fn value_max(&self, key: &[u8]) -> usize {
+        self.options
+            .item_size_max
+            .saturating_sub(key.len() + self.store.item_overhead())
     }
 
     /// `op` with its expiry capped by the key's rule (`max_ttl`): a write
@@ -357,7 +364,8 @@ impl<S: Store> Engine<S> {
                 .map_or(0, |i| i.version)
                 .max(view.flushed_before);
             let version = self.versions.next_after(floor);
-            let (change, new) = match decide(op, prior.item.as_ref(), view, version) {
+            let value_max = self.value_max(key);
+            let (change, new) = match decide(op, prior.item.as_ref(), view, version, value_max) {
                 Ok(decided) => decided,
                 Err(_) if !prior.known => {
                     // Refuse only on what DynamoDB says.
@@ -582,12 +590,15 @@ impl<S: Store> Engine<S> {
 }
 
 /// The change `op` makes to a key holding `current` (as it is), as the item
-/// it leaves, with `version`; or why it makes none.
+/// it leaves, with `version`; or why it makes none. `value_max`: the
+/// longest value the key may hold (`item_size_max` less the key and the
+/// store's overhead), which an append or prepend must not exceed.
 pub(super) fn decide(
     op: Op<'_>,
     current: Option<&Item>,
     view: View,
     version: u64,
+    value_max: usize,
 ) -> Result<(Decided, Item), Refusal> {
     let live = current.filter(|item| item.is_live(view));
     let check_cas = |cas: Option<u64>| match (cas, live) {
@@ -619,6 +630,11 @@ pub(super) fn decide(
                 }
                 // Flags and expiry stay the item's.
                 (StoreMode::Append | StoreMode::Prepend, Some(item)) => {
+                    // As memcached: an item that would outgrow the largest
+                    // is not stored (NOT_STORED), the old one kept.
+                    if item.value.len() + data.len() > value_max {
+                        return Err(Refusal::NotStored);
+                    }
                     let value = match mode {
                         StoreMode::Append => [&item.value[..], data].concat(),
                         _ => [data, &item.value[..]].concat(),
@@ -840,7 +856,7 @@ mod tests {
             expires_at: NOW,
             ..item(b"old", 7)
         };
-        let refused = |op, current: Option<&Item>| decide(op, current, view, 8).err();
+        let refused = |op, current: Option<&Item>| decide(op, current, view, 8, usize::MAX).err();
         assert_eq!(
             refused(store(StoreMode::Add, None), Some(&live)),
             Some(Refusal::NotStored)
@@ -876,10 +892,33 @@ mod tests {
             flushed_before: 8,
         };
         assert_eq!(
-            decide(store(StoreMode::Replace, None), Some(&live), flushed, 9).err(),
+            decide(
+                store(StoreMode::Replace, None),
+                Some(&live),
+                flushed,
+                9,
+                usize::MAX
+            )
+            .err(),
             Some(Refusal::NotStored),
             "a flushed item is not live"
         );
+    }
+
+    #[test]
+    fn an_append_past_the_largest_item_is_not_stored() {
+        let view = View::at(NOW);
+        let live = item(b"abcd", 7);
+        for mode in [StoreMode::Append, StoreMode::Prepend] {
+            assert_eq!(
+                decide(store(mode, None), Some(&live), view, 8, 6).err(),
+                Some(Refusal::NotStored),
+                "{mode:?}"
+            );
+            // Exactly the largest is stored.
+            let (_, new) = decide(store(mode, None), Some(&live), view, 8, 7).unwrap();
+            assert_eq!(new.value.len(), 7);
+        }
     }
 
     #[test]
@@ -889,7 +928,14 @@ mod tests {
             expires_at: NOW + 50,
             ..item(b"ab", 7)
         };
-        let (how, new) = decide(store(StoreMode::Prepend, None), Some(&live), view, 8).unwrap();
+        let (how, new) = decide(
+            store(StoreMode::Prepend, None),
+            Some(&live),
+            view,
+            8,
+            usize::MAX,
+        )
+        .unwrap();
         assert_eq!(how, Decided::Put);
         assert_eq!(
             (new.value.as_slice(), new.flags, new.expires_at, new.version),
@@ -902,6 +948,7 @@ mod tests {
             Some(&live),
             view,
             8,
+            usize::MAX,
         )
         .unwrap();
         assert_eq!(how, Decided::Retime);
@@ -909,7 +956,14 @@ mod tests {
             (new.value.as_slice(), new.expires_at, new.version),
             (&b"ab"[..], NOW + 9, 8)
         );
-        let (_, tomb) = decide(Op::Delete { cas: Some(7) }, Some(&live), view, 8).unwrap();
+        let (_, tomb) = decide(
+            Op::Delete { cas: Some(7) },
+            Some(&live),
+            view,
+            8,
+            usize::MAX,
+        )
+        .unwrap();
         assert!(!tomb.is_live(view) && tomb.version == 8);
         let counter = item(b"10", 7);
         let arith = |incr, delta| Op::Arith {
@@ -919,14 +973,14 @@ mod tests {
             expires_at: None,
         };
         assert_eq!(
-            decide(arith(false, 9), Some(&counter), view, 8)
+            decide(arith(false, 9), Some(&counter), view, 8, usize::MAX)
                 .unwrap()
                 .1
                 .value,
             b"1 "
         );
         assert_eq!(
-            decide(arith(true, 1), Some(&item(b"x", 1)), view, 8).err(),
+            decide(arith(true, 1), Some(&item(b"x", 1)), view, 8, usize::MAX).err(),
             Some(Refusal::NotANumber)
         );
         let marker = Item {
@@ -934,14 +988,20 @@ mod tests {
             ..Item::default()
         };
         assert_eq!(
-            decide(Op::Flush { before: 90 }, Some(&marker), view, 1).err(),
+            decide(Op::Flush { before: 90 }, Some(&marker), view, 1, usize::MAX).err(),
             Some(Refusal::AlreadyFlushed)
         );
         assert_eq!(
-            decide(Op::Flush { before: 110 }, Some(&marker), view, 1)
-                .unwrap()
-                .1
-                .version,
+            decide(
+                Op::Flush { before: 110 },
+                Some(&marker),
+                view,
+                1,
+                usize::MAX
+            )
+            .unwrap()
+            .1
+            .version,
             110
         );
     }
