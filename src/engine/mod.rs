@@ -443,7 +443,7 @@ impl<S: Store> Engine<S> {
         }
         if !item.is_live(view) {
             // Expired, a tombstone, or flushed: the key holds nothing live.
-            self.fill_absent(key, view, now_ms, epoch, how);
+            self.fill_absent(key, view, now_ms, epoch);
             return;
         }
         let entry = Entry::new(key, &item.value, item.flags, item.expires_at, item.version)
@@ -459,14 +459,17 @@ impl<S: Store> Engine<S> {
     /// `max_local_age` answers a miss without asking DynamoDB. Any write of
     /// the key replaces it; in fleet mode a peer's write removes it, as it
     /// removes any copy. The caller has checked that no write of unknown
-    /// outcome keeps the key in doubt.
-    fn fill_absent(&self, key: &[u8], view: View, now_ms: u64, epoch: u64, how: Fill) {
+    /// outcome keeps the key in doubt. Filled as a read whatever made it
+    /// (a delete, a refused write): that the application removed a key says
+    /// nothing of its reading it again, so a sweep of deletes passes through
+    /// the small queue and never pushes out the keys read often.
+    fn fill_absent(&self, key: &[u8], view: View, now_ms: u64, epoch: u64) {
         if !self.options.negative_caching || self.is_local(key) {
             self.cache.remove(key);
             return;
         }
         let entry = Entry::absent(key, 0).filled_at(now_ms);
-        self.fill_entry(key, entry, view, epoch, how);
+        self.fill_entry(key, entry, view, epoch, Fill::Read);
     }
 
     /// Puts `entry` in the cache, unless fleet mode forbids it. Returns

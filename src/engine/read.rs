@@ -416,6 +416,10 @@ impl<S: Store> Engine<S> {
             if with_marker {
                 lead_keys.push(super::admin::FLUSH_MARKER_KEY);
             }
+            // What the read finds is stamped with when it was asked for:
+            // its age, and so `max_local_age`, counts the time DynamoDB took
+            // to answer (a write elsewhere may have landed meanwhile).
+            let now_ms = self.now_ms();
             let read = match lead_keys.as_slice() {
                 [one] => self.store.get(one).await.map(|item| vec![item]),
                 many => self.store.get_many(many).await,
@@ -431,7 +435,6 @@ impl<S: Store> Engine<S> {
                 }
                 items
             });
-            let now_ms = self.now_ms();
             match read {
                 Ok(items) => {
                     for ((i, flight), found) in lead.flights.iter().zip(items) {
@@ -444,7 +447,7 @@ impl<S: Store> Engine<S> {
                                     Some(item) if item.is_live(view) => {
                                         self.fill_at(key, item, view, now_ms, epoch, Fill::Read)
                                     }
-                                    _ => self.fill_absent(key, view, now_ms, epoch, Fill::Read),
+                                    _ => self.fill_absent(key, view, now_ms, epoch),
                                 }
                             }
                             ours

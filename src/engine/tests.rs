@@ -1101,3 +1101,26 @@ async fn a_written_key_outlasts_keys_read_once() {
     );
     assert_eq!(e.store().calls(), calls, "still in memory");
 }
+
+#[tokio::test]
+async fn deletes_of_keys_not_cached_do_not_push_out_keys_read_often() {
+    let e = Engine::new(ItemCache::new(4096, 1), MemoryStore::new());
+    assert_eq!(
+        run(&e, b"set session 0 0 5\r\nalice\r\n", NOW).await,
+        "STORED\r\n"
+    );
+    // A cleanup job deleting keys that are not there: each leaves a
+    // negative entry, which enters the small queue as a read would.
+    for i in 0..200 {
+        assert_eq!(
+            run(&e, format!("delete gone{i}\r\n").as_bytes(), NOW).await,
+            "NOT_FOUND\r\n"
+        );
+    }
+    let calls = e.store().calls();
+    assert_eq!(
+        run(&e, b"get session\r\n", NOW).await,
+        "VALUE session 0 5\r\nalice\r\nEND\r\n"
+    );
+    assert_eq!(e.store().calls(), calls, "still in memory");
+}

@@ -215,7 +215,7 @@ impl<S: Store> Engine<S> {
             }
             // Refused on a key DynamoDB holds nothing for.
             (Ok(Done::Refused(_, None)), _) if self.observed(key, None) => {
-                self.fill_absent(key, view, self.now_ms(), epoch, crate::cache::Fill::Write)
+                self.fill_absent(key, view, self.now_ms(), epoch)
             }
             _ => {
                 self.cache.remove(key);
