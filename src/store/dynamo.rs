@@ -647,7 +647,10 @@ impl DynamoStore {
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
                 }
-                _ if codes.iter().any(|c| c == "ThrottlingError") => {
+                _ if codes
+                    .iter()
+                    .any(|c| c == "ThrottlingError" || c == "ProvisionedThroughputExceeded") =>
+                {
                     return Err(StoreError::Throttled);
                 }
                 _ => {
@@ -758,6 +761,9 @@ impl DynamoStore {
             // transaction was writing the same items (retried in `transact`).
             // DynamoDB answered: neither an error nor an outage.
             Err(e) if e.code() == Some("TransactionCanceledException") => "cancelled",
+            // A single-item write refused while a transaction holds the
+            // item (retried in `send_write`): DynamoDB answered too.
+            Err(e) if e.code() == Some("TransactionConflictException") => "cancelled",
             Err(e) => match classify(e) {
                 StoreError::Timeout => "timeout",
                 StoreError::Throttled => "throttled",
@@ -779,6 +785,33 @@ impl DynamoStore {
             }
         }
         result
+    }
+
+    /// A single-item write (`call` makes the request, again on each
+    /// attempt), sent again while DynamoDB refuses it because a transaction
+    /// (another sidecar's chunked write) holds the same item: the write is
+    /// then decided on what that transaction left, as a condition decides
+    /// it. After [`TRANSACT_ATTEMPTS`] the refusal stands (`Contention`).
+    async fn send_write<T, E, F>(
+        &self,
+        operation: &'static str,
+        mut call: impl FnMut() -> F,
+    ) -> Result<T, SdkError<E>>
+    where
+        F: Future<Output = Result<T, SdkError<E>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let mut backoff = Duration::from_millis(10);
+        for _ in 1..TRANSACT_ATTEMPTS {
+            match self.send(operation, call()).await {
+                Err(e) if e.code() == Some("TransactionConflictException") => {
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                result => return result,
+            }
+        }
+        self.send(operation, call()).await
     }
 
     /// Creates the table (partition key only, TTL on the expiry attribute).
@@ -914,6 +947,8 @@ where
                 "ProvisionedThroughputExceededException"
                 | "ThrottlingException"
                 | "RequestLimitExceeded" => StoreError::Throttled,
+                // A transaction held the item through every attempt.
+                "TransactionConflictException" => StoreError::Contention,
                 "InternalServerError" | "ServiceUnavailable" | "InternalFailure" => {
                     StoreError::Internal
                 }
@@ -1082,7 +1117,7 @@ impl Store for DynamoStore {
                         .return_values_on_condition_check_failure(
                             ReturnValuesOnConditionCheckFailure::AllOld,
                         );
-                    return match self.send("PutItem", req.send()).await {
+                    return match self.send_write("PutItem", || req.clone().send()).await {
                         Ok(_) => Ok(Written::Done { chunks }),
                         Err(e) => match conflict_item(&e, |e| match e {
                             PutItemError::ConditionalCheckFailedException(c) => c.item(),
@@ -1170,7 +1205,7 @@ impl Store for DynamoStore {
                         .return_values_on_condition_check_failure(
                             ReturnValuesOnConditionCheckFailure::AllOld,
                         );
-                    return match self.send("UpdateItem", req.send()).await {
+                    return match self.send_write("UpdateItem", || req.clone().send()).await {
                         Ok(_) => Ok(Written::Done { chunks: 0 }),
                         Err(e) => match conflict_item(&e, |e| match e {
                             UpdateItemError::ConditionalCheckFailedException(c) => c.item(),
