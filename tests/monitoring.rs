@@ -793,10 +793,19 @@ async fn a_real_prometheus_scrapes_dynacache_and_the_rules_agree_with_the_traffi
     // Sidecar a reaches DynamoDB through a fault proxy (to be throttled) and
     // serves 4 connections at most (to refuse one); b reaches it directly.
     let proxy = FaultProxy::start(&db.endpoint).await;
+    // a keeps `page:` keys in its memory only (a local prefix), so the
+    // dashboard's local-key panels have something to draw.
+    let config = dir.path().join("a.toml");
+    std::fs::write(
+        &config,
+        "[[prefix]]\nprefix = \"page:\"\npolicy = \"local\"\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
     let a = Sidecar::start(
         &proxy.endpoint(),
         &table,
-        &["--max-connections", "4"],
+        &["--max-connections", "4", "--config", &config],
         dir.path(),
     );
     let b = Sidecar::start(&db.endpoint, &table, &[], dir.path());
@@ -835,6 +844,20 @@ async fn a_real_prometheus_scrapes_dynacache_and_the_rules_agree_with_the_traffi
         let set = format!("set k{k} 0 0 2\r\nv{k}\r\n");
         assert_eq!(c.call(set.as_bytes()).await, "STORED\r\n");
     }
+    // An absent key read twice (the second answered by its negative entry)
+    // and a local key written and read.
+    for _ in 0..2 {
+        assert_eq!(c.call(b"get absent\r\n").await, "END\r\n");
+    }
+    assert!(a.metric("dynacache_cache_negative_hits_total").await >= 1.0);
+    assert_eq!(
+        c.call(b"set page:home 0 0 4\r\nhome\r\n").await,
+        "STORED\r\n"
+    );
+    assert_eq!(
+        c.call(b"get page:home\r\n").await,
+        "VALUE page:home 0 4\r\nhome\r\nEND\r\n"
+    );
     // A value stored compressed and one stored in chunks (random bytes, more
     // than one item holds), read back by b from DynamoDB.
     let compressible = "dynacache ".repeat(820).into_bytes();
