@@ -1720,11 +1720,13 @@ impl Ghost {
         self.live.remove(&key).is_some()
     }
 
-    /// Keeps at most `limit` live ghosts, dropping the oldest.
+    /// Keeps the ring, tombstones included, to at most `limit` slots,
+    /// dropping the oldest ghosts (as `ItemCache` does).
     fn trim(&mut self, limit: u64) {
         while let Some(&(key, seq)) = self.ring.front() {
             let is_live = self.live.get(&key) == Some(&seq);
-            if is_live && self.live.len() as u64 <= limit {
+            // The ring's slots, tombstones included, are what is capped.
+            if is_live && self.ring.len() as u64 <= limit {
                 break;
             }
             self.ring.pop_front();

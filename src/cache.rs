@@ -725,14 +725,17 @@ impl Ghosts {
         }
     }
 
-    /// Keeps at most `limit` live ghosts, dropping the oldest, and the ring's
-    /// tombstones up to the oldest live one.
+    /// Keeps the ring to at most `limit` slots, dropping the oldest ghosts,
+    /// and drops the tombstones up to the oldest live one. A tombstone (the
+    /// slot of a ghost read again, or of a hash pushed again) counts until
+    /// the front reaches it: so the ring, and what it is charged, never
+    /// outgrows `limit` slots, however many ghosts are read again.
     fn trim(&mut self, limit: usize) {
         while let Some(&hash) = self.ring.front() {
             let front = self.front;
-            let count = self.live.len();
+            let within = self.ring.len() <= limit;
             match self.live.find_entry(hash, |&p| p == front) {
-                Ok(_) if count <= limit => break,
+                Ok(_) if within => break,
                 Ok(found) => {
                     found.remove();
                 }
@@ -985,7 +988,7 @@ impl Shard {
             }
             let hash = hasher.hash_one(slot.key());
             self.remove_at(hash, idx);
-            // At most as many live ghosts as main has entries: checked when
+            // At most as many ghost slots as main has entries: checked when
             // one is added, and when main loses one.
             if !from_small {
                 self.ghosts.trim(self.main.len);
@@ -1072,6 +1075,31 @@ mod tests {
 
     fn keys(prefix: &str, n: usize) -> Vec<String> {
         (0..n).map(|i| format!("{prefix}{i}")).collect()
+    }
+
+    #[test]
+    fn ghosts_read_again_never_grow_the_ring_past_main() {
+        // Reads of 200 keys into room for 20: many ghosts are read again,
+        // each leaving a tombstone in the ring; the ring still never holds
+        // more slots than main has entries (nor is charged for more).
+        let cache = cache_for(20, 20);
+        let mut x = 7u64;
+        for i in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let key = (x % 200).to_string();
+            if !hit(&cache, &key) {
+                read(&cache, &key);
+            }
+            let shard = lock(cache.shard(0));
+            assert!(
+                shard.ghosts.ring.len() <= shard.main.len,
+                "request {i}: {} ghost slots, {} in main",
+                shard.ghosts.ring.len(),
+                shard.main.len
+            );
+        }
     }
 
     #[test]
