@@ -602,3 +602,73 @@ async fn appends_and_meta_commands_on_chunked_values_stay_atomic() {
         assert!(server.stop().await);
     }
 }
+
+/// The largest value `item_size_max` can be set to allow (VALUE_MAX, 4 MiB
+/// less 64 KiB), incompressible: written in one transaction (head and 10
+/// chunks, under TransactWriteItems' 100 items and 4 MB), read back whole by
+/// a cold sidecar, touched (every chunk rewritten), overwritten by a value
+/// of fewer chunks (the extra ones deleted in the same transaction) and by
+/// the largest again, deleted with nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_value_allowed_is_written_touched_overwritten_and_deleted() {
+    use dynacache::store::{Store, VALUE_MAX};
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    // Both sidecars re-read DynamoDB on every get (no fleet mode here).
+    let config = dynacache::config::Config {
+        item_size_max: bytesize::ByteSize::b(VALUE_MAX as u64),
+        max_local_age: Duration::from_millis(1),
+        ..common::test_config(settings.clone())
+    };
+    let a = TestServer::with_config(config.clone()).await;
+    let key = "largest";
+    let largest = VALUE_MAX - key.len() - a.engine.store().item_overhead();
+    let mut c = a.client().await;
+    let big = corpus::random(largest, 11);
+    let mut over = storage("set", key, 0, 0, &corpus::random(largest + 1, 12), None);
+    over.extend_from_slice(b"get none\r\n");
+    assert_eq!(
+        c.call(&over).await,
+        "SERVER_ERROR object too large for cache\r\n",
+        "one byte more is refused"
+    );
+    assert_eq!(c.reply().await, "END\r\n");
+    assert_eq!(
+        c.call(&storage("set", key, 0, 0, &big, None)).await,
+        "STORED\r\n"
+    );
+    let chunks = head_chunks(&db, &settings, key).await;
+    assert_eq!(chunks_of(&db, &settings, key).await.len(), chunks);
+    assert!(chunks >= 9, "{chunks} chunks for {largest} bytes");
+    let cold = TestServer::with_config(config.clone()).await;
+    let mut cc = cold.client().await;
+    get_is(&mut cc, key, &big, "the largest, read cold").await;
+    assert_eq!(
+        c.call(format!("touch {key} 3600\r\n").as_bytes()).await,
+        "TOUCHED\r\n"
+    );
+    get_is(&mut cc, key, &big, "after touch").await;
+    // Fewer chunks: the old ones past the new count are deleted with the
+    // write.
+    let smaller = corpus::random(largest - 500_000, 13);
+    assert_eq!(
+        cc.call(&storage("set", key, 0, 0, &smaller, None)).await,
+        "STORED\r\n"
+    );
+    let fewer = head_chunks(&db, &settings, key).await;
+    assert!(fewer < chunks, "{fewer} chunks after {chunks}");
+    assert_eq!(chunks_of(&db, &settings, key).await.len(), fewer);
+    get_is(&mut c, key, &smaller, "fewer chunks").await;
+    assert_eq!(
+        c.call(&storage("set", key, 0, 0, &big, None)).await,
+        "STORED\r\n"
+    );
+    get_is(&mut cc, key, &big, "the largest again").await;
+    assert_eq!(
+        cc.call(format!("delete {key}\r\n").as_bytes()).await,
+        "DELETED\r\n"
+    );
+    assert!(chunks_of(&db, &settings, key).await.is_empty());
+    get_misses(&mut c, key, "deleted").await;
+    assert!(a.stop().await && cold.stop().await);
+}
