@@ -229,6 +229,8 @@ pub enum Fill {
 /// Counters since start, for metrics and `stats`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStats {
+    /// Entries holding an item: negative entries (keys known absent) are
+    /// not items, as memcached's `curr_items` counts only what it stores.
     pub items: u64,
     /// Bytes charged: entries and ghosts.
     pub bytes: u64,
@@ -521,7 +523,7 @@ impl ItemCache {
         let (mut items, mut bytes) = (0, 0);
         for shard in self.shards.iter() {
             let shard = lock(shard);
-            items += shard.table.len() as u64;
+            items += (shard.table.len() - shard.absent) as u64;
             bytes += shard.charged() as u64;
         }
         let evictions_expired = self.evictions_expired.load(Ordering::Relaxed);
@@ -778,6 +780,9 @@ struct Shard {
     small_target: usize,
     /// The sweep's last slab slot.
     cursor: u32,
+    /// Negative entries among the table's (not items: `stats` leaves
+    /// them out of the item count).
+    absent: usize,
 }
 
 impl Shard {
@@ -794,6 +799,7 @@ impl Shard {
             limit,
             small_target: limit / 10,
             cursor: 0,
+            absent: 0,
         }
     }
 
@@ -883,6 +889,7 @@ impl Shard {
         self.bytes += entry.charge();
         let mut slot = Slot::new(entry);
         slot.packed |= bits;
+        self.absent += usize::from(slot.packed & ABSENT != 0);
         let idx = match self.free.pop() {
             Some(idx) => {
                 self.slots[idx] = slot;
@@ -903,6 +910,7 @@ impl Shard {
         self.unlink(idx);
         let slot = &mut self.slots[idx];
         self.bytes -= slot.charge();
+        self.absent -= usize::from(slot.packed & ABSENT != 0);
         // Release the value now; the slot itself is reused by the next push.
         slot.kv = Box::default();
         slot.expires_at = 0;
@@ -1004,7 +1012,7 @@ impl Shard {
     /// table's entries, their lengths and byte counts are right.
     #[cfg(test)]
     fn check(&self) {
-        let mut seen = 0;
+        let (mut seen, mut absent) = (0, 0);
         for (fifo, main) in [(&self.small, false), (&self.main, true)] {
             let (mut idx, mut prev, mut len, mut bytes) = (fifo.head, NIL, 0, 0);
             while idx != NIL {
@@ -1013,6 +1021,7 @@ impl Shard {
                 assert_eq!(s.packed & MAIN != 0, main, "queue bit");
                 len += 1;
                 bytes += s.charge();
+                absent += usize::from(s.packed & ABSENT != 0);
                 prev = idx;
                 idx = s.next;
             }
@@ -1024,6 +1033,7 @@ impl Shard {
             seen += len;
         }
         assert_eq!(seen, self.table.len(), "every entry in one queue");
+        assert_eq!(absent, self.absent, "negative entries counted");
         assert!(self.ghosts.live.len() <= self.ghosts.ring.len(), "ghosts");
     }
 }
@@ -1075,6 +1085,26 @@ mod tests {
 
     fn keys(prefix: &str, n: usize) -> Vec<String> {
         (0..n).map(|i| format!("{prefix}{i}")).collect()
+    }
+
+    #[test]
+    fn negative_entries_are_not_counted_as_items() {
+        let cache = ItemCache::new(1 << 20, 1);
+        assert!(cache.insert(entry("here", "v")));
+        assert!(cache.insert(Entry::absent(b"gone", 1)));
+        assert!(cache.insert(Entry::absent(b"also-gone", 1)));
+        assert_eq!(cache.stats().items, 1);
+        // Replaced by a value, removed, cleared: the count follows.
+        assert!(cache.insert(entry("gone", "back")));
+        assert_eq!(cache.stats().items, 2);
+        assert!(cache.remove(b"also-gone"));
+        assert_eq!(cache.stats().items, 2);
+        assert!(cache.insert(Entry::absent(b"here", 2)));
+        assert_eq!(cache.stats().items, 1);
+        assert!(queue_of(&cache, "here").is_some(), "invariants hold");
+        cache.clear();
+        assert!(cache.insert(Entry::absent(b"x", 1)));
+        assert_eq!(cache.stats().items, 0);
     }
 
     #[test]

@@ -504,7 +504,12 @@ impl Counters {
                 "Connections served at once (max_connections); more are refused.",
                 self.connections_limit.load(Ordering::Relaxed),
             ),
-            (CACHE_ITEMS, "gauge", "Entries in memory.", cache.items),
+            (
+                CACHE_ITEMS,
+                "gauge",
+                "Items in memory (keys known absent not counted; their bytes are).",
+                cache.items,
+            ),
             (
                 CACHE_BYTES,
                 "gauge",
