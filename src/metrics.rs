@@ -90,8 +90,17 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         )?
         .install_recorder()?;
     describe();
+    PROCESS.describe();
     Ok(handle)
 }
+
+/// The process metrics Prometheus' own clients export (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, `process_open_fds`, `process_max_fds`,
+/// `process_start_time_seconds`, `process_threads`, ...), read from /proc at
+/// each scrape: what an operator compares the cache's budget and the
+/// connection limit against.
+static PROCESS: std::sync::LazyLock<metrics_process::Collector> =
+    std::sync::LazyLock::new(metrics_process::Collector::default);
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_histogram};
@@ -575,6 +584,9 @@ pub fn render(
     counters: &Counters,
     cache: &CacheStats,
 ) -> String {
+    if recorder.is_some() {
+        PROCESS.collect();
+    }
     let mut text = recorder.map(PrometheusHandle::render).unwrap_or_default();
     if !text.is_empty() && !text.ends_with("\n\n") {
         text.push('\n');

@@ -1383,11 +1383,51 @@ impl Traffic {
 async fn metric_names_follow_prometheus_conventions() {
     let traffic = Traffic::through(&[]).await;
     for (name, kind) in &traffic.after.types {
-        assert!(name.starts_with("dynacache_"), "{name}");
+        // Ours, or the process metrics every Prometheus client exports.
+        assert!(
+            name.starts_with("dynacache_") || name.starts_with("process_"),
+            "{name}"
+        );
         if kind == "counter" {
             assert!(name.ends_with("_total"), "counter {name}");
         }
     }
+}
+
+/// The process metrics Prometheus' own clients export, read at each
+/// scrape: memory, CPU, file descriptors against their limit, start time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_metrics_are_exported_as_prometheus_clients_do() {
+    let traffic = Traffic::through(&[]).await;
+    let m = &traffic.after;
+    let get = |name: &str| m.get(name, &[]).unwrap_or_else(|| panic!("{name} missing"));
+    let rss = get("process_resident_memory_bytes");
+    assert!(rss > 1e6 && rss < 4e9, "resident memory {rss}");
+    assert_eq!(m.types["process_resident_memory_bytes"], "gauge");
+    // Listeners, the metrics socket, the client's connection at least.
+    let fds = get("process_open_fds");
+    assert!(fds >= 3.0 && fds <= get("process_max_fds"), "{fds} fds");
+    // A counter, as Prometheus' clients have it (the `metrics` crate's
+    // counters are integers: whole seconds, enough for a rate over minutes).
+    assert_eq!(m.types["process_cpu_seconds_total"], "counter");
+    assert!(get("process_cpu_seconds_total") >= 0.0);
+    let started = get("process_start_time_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        started <= now && started > now - 600.0,
+        "started {started}, now {now}"
+    );
+    // Read again at each scrape: the value moves with the process.
+    assert!(
+        traffic
+            .before
+            .get("process_cpu_seconds_total", &[])
+            .unwrap()
+            <= get("process_cpu_seconds_total")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
