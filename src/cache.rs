@@ -1112,13 +1112,11 @@ mod tests {
         // Reads of 200 keys into room for 20: many ghosts are read again,
         // each leaving a tombstone in the ring; the ring still never holds
         // more slots than main has entries (nor is charged for more).
+        use rand::{RngExt, SeedableRng};
         let cache = cache_for(20, 20);
-        let mut x = 7u64;
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
         for i in 0..20_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let key = (x % 200).to_string();
+            let key = rng.random_range(0..200u32).to_string();
             if !hit(&cache, &key) {
                 read(&cache, &key);
             }

@@ -357,6 +357,7 @@ impl<S: Store> Engine<S> {
                 known: false,
             },
         };
+        let value_max = self.value_max(key);
         for _ in 0..WRITE_ATTEMPTS {
             let floor = prior
                 .item
@@ -364,7 +365,6 @@ impl<S: Store> Engine<S> {
                 .map_or(0, |i| i.version)
                 .max(view.flushed_before);
             let version = self.versions.next_after(floor);
-            let value_max = self.value_max(key);
             let (change, new) = match decide(op, prior.item.as_ref(), view, version, value_max) {
                 Ok(decided) => decided,
                 Err(_) if !prior.known => {
@@ -828,6 +828,16 @@ mod tests {
 
     const NOW: u32 = 1_800_000_000;
 
+    /// [`decide`] with no size limit in the way.
+    fn decided(
+        op: Op<'_>,
+        current: Option<&Item>,
+        view: View,
+        version: u64,
+    ) -> Result<(Decided, Item), Refusal> {
+        decide(op, current, view, version, usize::MAX)
+    }
+
     fn item(value: &[u8], version: u64) -> Item {
         Item {
             value: value.to_vec(),
@@ -856,7 +866,7 @@ mod tests {
             expires_at: NOW,
             ..item(b"old", 7)
         };
-        let refused = |op, current: Option<&Item>| decide(op, current, view, 8, usize::MAX).err();
+        let refused = |op, current: Option<&Item>| decided(op, current, view, 8).err();
         assert_eq!(
             refused(store(StoreMode::Add, None), Some(&live)),
             Some(Refusal::NotStored)
@@ -892,14 +902,7 @@ mod tests {
             flushed_before: 8,
         };
         assert_eq!(
-            decide(
-                store(StoreMode::Replace, None),
-                Some(&live),
-                flushed,
-                9,
-                usize::MAX
-            )
-            .err(),
+            decided(store(StoreMode::Replace, None), Some(&live), flushed, 9).err(),
             Some(Refusal::NotStored),
             "a flushed item is not live"
         );
@@ -928,27 +931,19 @@ mod tests {
             expires_at: NOW + 50,
             ..item(b"ab", 7)
         };
-        let (how, new) = decide(
-            store(StoreMode::Prepend, None),
-            Some(&live),
-            view,
-            8,
-            usize::MAX,
-        )
-        .unwrap();
+        let (how, new) = decided(store(StoreMode::Prepend, None), Some(&live), view, 8).unwrap();
         assert_eq!(how, Decided::Put);
         assert_eq!(
             (new.value.as_slice(), new.flags, new.expires_at, new.version),
             (&b"newab"[..], 3, NOW + 50, 8)
         );
-        let (how, new) = decide(
+        let (how, new) = decided(
             Op::Touch {
                 expires_at: NOW + 9,
             },
             Some(&live),
             view,
             8,
-            usize::MAX,
         )
         .unwrap();
         assert_eq!(how, Decided::Retime);
@@ -956,14 +951,7 @@ mod tests {
             (new.value.as_slice(), new.expires_at, new.version),
             (&b"ab"[..], NOW + 9, 8)
         );
-        let (_, tomb) = decide(
-            Op::Delete { cas: Some(7) },
-            Some(&live),
-            view,
-            8,
-            usize::MAX,
-        )
-        .unwrap();
+        let (_, tomb) = decided(Op::Delete { cas: Some(7) }, Some(&live), view, 8).unwrap();
         assert!(!tomb.is_live(view) && tomb.version == 8);
         let counter = item(b"10", 7);
         let arith = |incr, delta| Op::Arith {
@@ -973,14 +961,14 @@ mod tests {
             expires_at: None,
         };
         assert_eq!(
-            decide(arith(false, 9), Some(&counter), view, 8, usize::MAX)
+            decided(arith(false, 9), Some(&counter), view, 8)
                 .unwrap()
                 .1
                 .value,
             b"1 "
         );
         assert_eq!(
-            decide(arith(true, 1), Some(&item(b"x", 1)), view, 8, usize::MAX).err(),
+            decided(arith(true, 1), Some(&item(b"x", 1)), view, 8).err(),
             Some(Refusal::NotANumber)
         );
         let marker = Item {
@@ -988,20 +976,14 @@ mod tests {
             ..Item::default()
         };
         assert_eq!(
-            decide(Op::Flush { before: 90 }, Some(&marker), view, 1, usize::MAX).err(),
+            decided(Op::Flush { before: 90 }, Some(&marker), view, 1).err(),
             Some(Refusal::AlreadyFlushed)
         );
         assert_eq!(
-            decide(
-                Op::Flush { before: 110 },
-                Some(&marker),
-                view,
-                1,
-                usize::MAX
-            )
-            .unwrap()
-            .1
-            .version,
+            decided(Op::Flush { before: 110 }, Some(&marker), view, 1)
+                .unwrap()
+                .1
+                .version,
             110
         );
     }
