@@ -1083,46 +1083,52 @@ async fn negative_caching_can_be_turned_off() {
 }
 
 #[tokio::test]
-async fn a_written_key_outlasts_keys_read_once() {
-    // One shard with room for a few dozen small entries.
-    let e = Engine::new(ItemCache::new(4096, 1), MemoryStore::new());
-    assert_eq!(
-        run(&e, b"set session 0 0 5\r\nalice\r\n", NOW).await,
-        "STORED\r\n"
-    );
-    // A crawler's misses: each read once (remembered absent), never again.
-    for i in 0..200 {
-        run(&e, format!("get bot{i}\r\n").as_bytes(), NOW).await;
+async fn a_written_key_outlasts_keys_read_once_or_deleted_unseen() {
+    // A crawler's misses (each read once, remembered absent, never again),
+    // and a cleanup job's deletes of keys that are not there (each leaves a
+    // negative entry, filled as a read would be).
+    for (noise, answer) in [("get bot", "END\r\n"), ("delete gone", "NOT_FOUND\r\n")] {
+        // One shard with room for a few dozen small entries.
+        let e = Engine::new(ItemCache::new(4096, 1), MemoryStore::new());
+        assert_eq!(
+            run(&e, b"set session 0 0 5\r\nalice\r\n", NOW).await,
+            "STORED\r\n"
+        );
+        for i in 0..200 {
+            let request = format!("{noise}{i}\r\n");
+            assert_eq!(run(&e, request.as_bytes(), NOW).await, answer);
+        }
+        // The written key started in the main queue: the one-time entries
+        // passed through the small one without displacing it.
+        let calls = e.store().calls();
+        assert_eq!(
+            run(&e, b"get session\r\n", NOW).await,
+            "VALUE session 0 5\r\nalice\r\nEND\r\n"
+        );
+        assert_eq!(e.store().calls(), calls, "{noise}: still in memory");
     }
-    // The written key started in the main queue: the one-hit reads passed
-    // through the small one without displacing it.
-    let calls = e.store().calls();
-    assert_eq!(
-        run(&e, b"get session\r\n", NOW).await,
-        "VALUE session 0 5\r\nalice\r\nEND\r\n"
-    );
-    assert_eq!(e.store().calls(), calls, "still in memory");
 }
 
-#[tokio::test]
-async fn deletes_of_keys_not_cached_do_not_push_out_keys_read_often() {
-    let e = Engine::new(ItemCache::new(4096, 1), MemoryStore::new());
-    assert_eq!(
-        run(&e, b"set session 0 0 5\r\nalice\r\n", NOW).await,
-        "STORED\r\n"
-    );
-    // A cleanup job deleting keys that are not there: each leaves a
-    // negative entry, which enters the small queue as a read would.
-    for i in 0..200 {
-        assert_eq!(
-            run(&e, format!("delete gone{i}\r\n").as_bytes(), NOW).await,
-            "NOT_FOUND\r\n"
-        );
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_is_as_old_as_when_it_was_asked() {
+    // max_local_age counts from when the read was sent: an answer that
+    // took longer than the bound to come back is too old to serve again.
+    let e = Arc::new(with_age(Duration::from_millis(200), true));
+    e.store().insert_raw(b"k", item(b"v1", 1));
+    e.store().hold_answers(true);
+    let first = tokio::spawn({
+        let e = e.clone();
+        async move { run(&e, b"get k\r\n", NOW).await }
+    });
+    while e.store().answers_waiting() == 0 {
+        tokio::task::yield_now().await;
     }
-    let calls = e.store().calls();
-    assert_eq!(
-        run(&e, b"get session\r\n", NOW).await,
-        "VALUE session 0 5\r\nalice\r\nEND\r\n"
+    // The answer is taken; it comes back after the bound has passed.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    e.store().hold_answers(false);
+    assert_eq!(first.await.unwrap(), "VALUE k 0 2\r\nv1\r\nEND\r\n");
+    assert!(
+        !hit(&e, b"get k\r\n", "VALUE k 0 2\r\nv1\r\nEND\r\n").await,
+        "read again, not served from a copy 250 ms old"
     );
-    assert_eq!(e.store().calls(), calls, "still in memory");
 }
