@@ -672,3 +672,57 @@ async fn the_largest_value_allowed_is_written_touched_overwritten_and_deleted() 
     get_misses(&mut c, key, "deleted").await;
     assert!(a.stop().await && cold.stop().await);
 }
+
+/// A PutItem or UpdateItem that DynamoDB refuses because a transaction (a
+/// chunked write from another sidecar) holds the same item
+/// (`TransactionConflictException`, injected by the proxy) is sent again:
+/// up to 4 attempts, then `SERVER_ERROR` with the old value kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_for_a_transaction_in_flight_is_sent_again() {
+    const CONFLICT: &str = "TransactionConflictException";
+    let db = DynamoLocal::shared().await;
+    let settings = db.new_table().await;
+    let proxy = FaultProxy::start(&db.endpoint).await;
+    let server = TestServer::start(DynamoSettings {
+        endpoint_url: Some(proxy.endpoint()),
+        ..settings.clone()
+    })
+    .await;
+    let mut c = server.client().await;
+    assert_eq!(
+        c.call(&storage("set", "k", 0, 0, b"v1", None)).await,
+        "STORED\r\n"
+    );
+
+    // Three refusals, then DynamoDB: stored on the fourth attempt.
+    let puts = proxy.calls("PutItem");
+    proxy.refuse("PutItem", CONFLICT, 3);
+    assert_eq!(
+        c.call(&storage("set", "k", 0, 0, b"v2", None)).await,
+        "STORED\r\n"
+    );
+    assert_eq!(proxy.calls("PutItem"), puts + 4);
+    // A touch (UpdateItem) likewise.
+    proxy.refuse("UpdateItem", CONFLICT, 1);
+    assert_eq!(c.call(b"touch k 3600\r\n").await, "TOUCHED\r\n");
+
+    // Refused on every attempt: an error, and nothing changed.
+    let puts = proxy.calls("PutItem");
+    proxy.refuse("PutItem", CONFLICT, 4);
+    assert_eq!(
+        c.call(&storage("set", "k", 0, 0, b"v3", None)).await,
+        "SERVER_ERROR too much contention on this key, try again\r\n"
+    );
+    assert_eq!(proxy.calls("PutItem"), puts + 4, "4 attempts, no more");
+    let item = table_item(&db.client(), &settings, "k").await.unwrap();
+    assert_eq!(item["value"].as_b().unwrap().as_ref(), b"v2");
+    let cold = TestServer::start(settings.clone()).await;
+    get_is(
+        &mut cold.client().await,
+        "k",
+        b"v2",
+        "the refused write did not land",
+    )
+    .await;
+    assert!(server.stop().await && cold.stop().await);
+}

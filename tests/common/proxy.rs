@@ -47,6 +47,11 @@ struct Shared {
     /// client may have given up on it long ago) and counted here.
     late_delivered: AtomicU64,
     release_requests: Notify,
+    /// Requests of this operation are answered with this DynamoDB error
+    /// (its `__type`) by the proxy, never reaching DynamoDB...
+    refuse: Mutex<Option<(String, String)>>,
+    /// ...this many of them.
+    refuse_budget: AtomicU64,
     calls: Mutex<HashMap<String, u64>>,
     /// `ConsumedCapacity` units in the answers, by operation.
     capacity: Mutex<HashMap<String, f64>>,
@@ -78,6 +83,8 @@ impl FaultProxy {
             hold_requests_budget: AtomicU64::new(0),
             late_delivered: AtomicU64::new(0),
             release_requests: Notify::new(),
+            refuse: Mutex::new(None),
+            refuse_budget: AtomicU64::new(0),
             calls: Mutex::new(HashMap::new()),
             capacity: Mutex::new(HashMap::new()),
         });
@@ -150,6 +157,14 @@ impl FaultProxy {
             assert!(Instant::now() < deadline, "held requests never landed");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// Answers the next `count` requests of `operation` with DynamoDB's
+    /// error `error` (say "TransactionConflictException", HTTP 400), as
+    /// DynamoDB refuses a request: they never reach it.
+    pub fn refuse(&self, operation: &str, error: &str, count: u64) {
+        *self.shared.refuse.lock().unwrap() = Some((operation.to_string(), error.to_string()));
+        self.shared.refuse_budget.store(count, Ordering::SeqCst);
     }
 
     /// Responses being held now.
@@ -266,6 +281,41 @@ async fn relay(client: TcpStream, shared: Arc<Shared>) {
                 if let Some(op) = &op {
                     *last_op.lock().unwrap() = op.clone();
                     *shared.calls.lock().unwrap().entry(op.clone()).or_default() += 1;
+                }
+                let refusal = op.as_deref().and_then(|op| {
+                    let refuse = shared.refuse.lock().unwrap();
+                    let (name, error) = refuse.as_ref()?;
+                    (name == op
+                        && shared
+                            .refuse_budget
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok())
+                    .then(|| error.clone())
+                });
+                if let Some(error) = refusal {
+                    if whole_request(&mut client_rd, buf[..n].to_vec())
+                        .await
+                        .is_none()
+                    {
+                        return;
+                    }
+                    let body = format!(
+                        "{{\"__type\":\"com.amazonaws.dynamodb.v20120810#{error}\",\"message\":\"refused by the test proxy\"}}"
+                    );
+                    let response = format!(
+                        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/x-amz-json-1.0\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if client_wr
+                        .lock()
+                        .await
+                        .write_all(response.as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
                 }
                 let hold = op.as_deref().is_some_and(|op| {
                     shared.hold_requests_op.lock().unwrap().as_deref() == Some(op)
